@@ -1,0 +1,285 @@
+"""The Hub: every named queue of one daemon, and the operations clients call.
+
+The server (server.py) maps wire operations to ``Hub.ops()``; the daemon
+(daemon.py) owns the Hub's lifecycle and calls ``tick()`` from its main
+loop.  Arguments arrive from the network, so every operation validates
+them here, whatever the client library already checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdqueue
+import threading
+import time
+
+from . import errors
+from .config import validate_queue_name
+from .queues import DEAD_SUFFIX, Queue
+
+log = logging.getLogger("ipcd.hub")
+
+MAX_BATCH = 10_000  # messages per get/ack/nack request
+MAX_TIMEOUT = 366 * 86400.0
+
+
+def _timeout(value, what="timeout"):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMEOUT:
+        raise errors.DataError(f"{what} must be a number of seconds between 0 and {MAX_TIMEOUT:g}")
+    return float(value)
+
+
+def _count(value, what, lo=1, hi=MAX_BATCH):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise errors.DataError(f"{what} must be an integer from {lo} to {hi}")
+    return value
+
+
+class Hub:
+    def __init__(self, config, stores: dict, clock=time.monotonic, wall=time.time):
+        self.config = config
+        self.stores = stores  # durability mode ("os"/"fsync"/"memory") -> store
+        self.clock, self.wall = clock, wall
+        self._queues: dict[str, Queue] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._watchers = []  # callables(queue_name, rows): ipcd tail and sinks
+        self.started = wall()
+
+    # -- registry ------------------------------------------------------------
+
+    def _store_for(self, settings):
+        return self.stores["memory" if settings.durability == "memory" else "os"]
+
+    def open(self):
+        """Rebuild the in-memory index from what the durable store holds."""
+        for store in {id(s): s for s in self.stores.values()}.values():
+            for name, (count, nbytes, max_id) in store.load_summary().items():
+                q = self.queue(name)
+                with q.lock:
+                    q.count, q.nbytes, q.high = count, nbytes, max(q.high, max_id)
+                    q.cursor = 0 if count else q.high
+
+    def queue(self, name, create: bool = True) -> Queue:
+        q = self._queues.get(name)
+        if q is not None:
+            return q
+        if not isinstance(name, str):
+            raise errors.DataError("a queue name must be a string")
+        validate_queue_name(name)
+        if not create:
+            raise errors.NotFound(f"no queue named '{name}'")
+        with self._lock:
+            q = self._queues.get(name)
+            if q is None:
+                settings = self.config.queue(name)
+                q = Queue(self, name, settings, self._store_for(settings), self.clock, self.wall)
+                self._queues[name] = q
+            return q
+
+    def names(self) -> list[str]:
+        return sorted(self._queues)
+
+    def reload(self, config) -> list[str]:
+        """Apply new queue settings in place; return what could not change."""
+        needs_restart = []
+        self.config = config
+        for name, q in list(self._queues.items()):
+            new = config.queue(name)
+            if new.durability != q.settings.durability and "memory" in (new.durability, q.settings.durability):
+                needs_restart.append(f"queues.{name}.durability")
+                new = type(new)(**{**new.__dict__, "durability": q.settings.durability})
+            q.settings = new
+            with q.lock:
+                q.not_full.notify_all()
+        return needs_restart
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def check_running(self):
+        if self._stopping:
+            raise errors.Unavailable("the daemon is stopping; retry when it is back")
+
+    def stop(self):
+        """Wake every blocked sender and receiver with 'daemon is stopping'."""
+        self._stopping = True
+        for q in list(self._queues.values()):
+            with q.lock:
+                q.not_empty.notify_all()
+                q.not_full.notify_all()
+
+    def tick(self) -> float:
+        """Due work for every queue; returns seconds until the next due item."""
+        now, wall_now = self.clock(), self.wall()
+        nxt = now + 1.0
+        for q in list(self._queues.values()):
+            try:
+                due = q.tick(now, wall_now)
+            except errors.IpcdError as e:
+                log.error("queue %s: %s", q.name, e)
+                due = None
+            if due is not None:
+                nxt = min(nxt, due)
+        return max(0.0, nxt - self.clock())
+
+    # -- watchers (tail, sinks) ------------------------------------------------
+
+    def subscribe(self, fn):
+        self._watchers.append(fn)
+
+    def unsubscribe(self, fn):
+        try:
+            self._watchers.remove(fn)
+        except ValueError:
+            pass
+
+    def publish(self, name, rows):
+        for fn in list(self._watchers):
+            try:
+                fn(name, rows)
+            except Exception:  # a watcher must never break a send
+                log.exception("watcher failed")
+
+    # -- dead letters ----------------------------------------------------------
+
+    def dead_letter(self, q: Queue, rows, reason: str):
+        dq = self.queue(q.name + DEAD_SUFFIX)
+        self._move(q, dq, rows, reason=reason, reset_attempts=False)
+        q.totals["dead"] += len(rows)
+        log.warning("queue %s: dead-lettered message(s) %s to %s: %s", q.name,
+                    ", ".join(str(r.id) for r in rows[:10]) + (" ..." if len(rows) > 10 else ""),
+                    dq.name, reason)
+
+    def _move(self, src: Queue, dst: Queue, rows, *, reason, reset_attempts):
+        """Re-home *rows* (already detached from src's memory) into dst."""
+        sizes = [len(r.body.encode("utf-8")) for r in rows]
+        if src.store is dst.store:
+            moved = dst.store.move([r.id for r in rows], dst.name, reason=reason,
+                                   reset_attempts=reset_attempts,
+                                   sync=dst.settings.durability == "fsync")
+        else:  # a queue and its .dead configured with different stores
+            items = [(dst.name, r.body, r.enqueued_at, 0 if reset_attempts else r.attempts, 0.0, reason)
+                     for r in rows]
+            moved = dst.store.append(items, sync=dst.settings.durability == "fsync")
+            src.store.delete([r.id for r in rows])
+        by_id = {r.id: s for r, s in zip(moved, sizes)} if src.store is dst.store else None
+        dst.insert_moved(moved, [by_id.get(m.id, 0) for m in moved] if by_id else sizes)
+        return moved
+
+    def dead_list(self, queue, limit=100):
+        q = self.queue(queue)
+        dq = self.queue(q.name + DEAD_SUFFIX)
+        limit = _count(limit, "limit", 1, MAX_BATCH)
+        rows = dq.store.fetch(dq.name, 0, limit)
+        return [(r.id, r.body, r.attempts, r.enqueued_at, r.reason) for r in rows]
+
+    def dead_replay(self, queue, ids=None, all=False):
+        q = self.queue(queue)
+        dq = self.queue(q.name + DEAD_SUFFIX)
+        if all:
+            wanted = [r.id for r in dq.store.fetch(dq.name, 0, MAX_BATCH)]
+        else:
+            if not isinstance(ids, list) or not ids or not all_ints(ids):
+                raise errors.DataError("replay needs message ids (or all=True)")
+            wanted = [r.id for r in dq.store.get(ids) if r.queue == dq.name]
+            missing = sorted(set(ids) - set(wanted))
+            if missing:
+                raise errors.NotFound(f"no dead message with id {', '.join(map(str, missing))} in '{dq.name}'")
+        taken, refused = dq.remove_for_move(wanted)
+        rows = [r for r in dq.store.get(taken) if r.queue == dq.name]
+        dq.forget_store_only(rows)
+        moved = self._move(dq, q, rows, reason=None, reset_attempts=True) if rows else []
+        return {"replayed": len(moved), "busy": refused}
+
+    # -- operations exposed on the wire ---------------------------------------
+
+    def put_many(self, queue, bodies, timeout=None):
+        if isinstance(bodies, list) and len(bodies) > MAX_BATCH:
+            raise errors.DataError(f"at most {MAX_BATCH} messages per request")
+        return self.queue(queue).put_many(bodies, _timeout(timeout))
+
+    def get_many(self, queue, max_n=1, timeout=None, lease=None, ack=None):
+        q = self.queue(queue)
+        if ack:
+            q.ack(ack)
+        lease = _timeout(lease, "lease")
+        if lease is not None and not 0 < lease <= 86400:
+            raise errors.DataError("lease must be between 0 and 86400 seconds")
+        return [tuple(d) for d in q.get_many(_count(max_n, "max_n"), _timeout(timeout), lease)]
+
+    def ack(self, queue, items):
+        return self.queue(queue).ack(items)
+
+    def nack(self, queue, items, delay=0.0, reason=None):
+        if reason is not None and not isinstance(reason, str):
+            raise errors.DataError("reason must be a string")
+        return self.queue(queue).nack(items, delay, reason[:2000] if reason else None)
+
+    def touch(self, queue, items, seconds=None):
+        return self.queue(queue).touch(items, _timeout(seconds, "seconds"))
+
+    def release(self, queue, items):
+        return self.queue(queue).release_for_shutdown(items)
+
+    def peek(self, queue, n=10):
+        return [tuple(d) for d in self.queue(queue).peek(_count(n, "n"))]
+
+    def purge(self, queue, dead=False):
+        q = self.queue(queue)
+        if dead:
+            q = self.queue(q.name + DEAD_SUFFIX)
+        n = q.purge()
+        log.info("purged %d message(s) from %s", n, q.name)
+        return n
+
+    def stats(self, queue=None):
+        if queue is not None:
+            return [self.queue(queue).stats()]
+        return [self._queues[n].stats() for n in self.names()]
+
+    def ops(self) -> dict:
+        return {
+            "put_many": self.put_many, "get_many": self.get_many, "ack": self.ack,
+            "nack": self.nack, "touch": self.touch, "release": self.release, "peek": self.peek,
+            "purge": self.purge, "stats": self.stats, "dead_list": self.dead_list,
+            "dead_replay": self.dead_replay,
+        }
+
+    # -- the stdlib-only path ------------------------------------------------
+
+    def stdlib_queue(self, name):
+        """Factory for the ``queue`` typeid served to plain BaseManager clients."""
+        return StdlibQueue(self, self.queue(name).name)
+
+
+def all_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+class StdlibQueue:
+    """``manager.queue(name)``: put(json_text) / get() -> json_text.
+
+    ``get`` acknowledges on delivery, so this path is at-most-once: a client
+    that dies after get() returned loses that message.  Use ipcd's client
+    (leases and acks) when that matters.
+    """
+
+    def __init__(self, hub: Hub, name: str):
+        self._hub, self._name = hub, name
+
+    def put(self, obj, block=True, timeout=None):
+        self._hub.put_many(self._name, [obj], timeout if block else 0)
+
+    def get(self, block=True, timeout=None):
+        q = self._hub.queue(self._name)
+        got = q.get_many(1, _timeout(timeout) if block else 0.0, None)
+        if not got:
+            raise stdqueue.Empty
+        d = got[0]
+        q.ack([(d.id, d.lease)])
+        return d.body
+
+    def qsize(self):
+        return self._hub.queue(self._name).stats()["ready"]

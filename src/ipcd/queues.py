@@ -1,0 +1,424 @@
+"""Named queues: ordering, leases, acks, bounds and dead letters.
+
+No I/O of its own and no signals: persistence is the store's (store.py),
+the network is the server's.  A ``Queue`` keeps in memory only what it needs
+to serve quickly — a window of ready messages prefetched from the store, the
+leased ones, the delayed ones — so depth is bounded by disk, not RAM.
+
+Index invariant (per queue): every live message with ``id <= cursor`` is in
+memory (ready, leased or delayed); messages with ``id > cursor`` are in the
+store only.  ``high`` is the highest id ever committed to the queue, so the
+store has nothing left to fetch when ``cursor >= high``.
+
+Locking rule: never call the store while holding a queue's lock.  The store
+thread calls ``_on_commit`` (which takes the lock) right after each commit,
+in commit order; a thread that waited on the store under the lock would
+deadlock against it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+import time
+from typing import NamedTuple
+
+from . import errors
+
+PREFETCH = 512  # ready messages kept in memory per queue
+DEAD_SUFFIX = ".dead"
+
+
+class Delivery(NamedTuple):
+    """What a consumer receives (a plain tuple on the wire)."""
+
+    id: int
+    lease: int  # token: only the current holder can ack/nack/touch
+    body: str
+    attempts: int
+    enqueued_at: float
+    reason: str | None
+
+
+class Lease:
+    __slots__ = ("row", "token", "expires")
+
+    def __init__(self, row, token, expires):
+        self.row, self.token, self.expires = row, token, expires
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate_body(text, max_bytes: int, index: int | None = None) -> int:
+    """Check one message is JSON text within the size limit; return its size."""
+    where = "" if index is None else f"message {index + 1}: "
+    if not isinstance(text, str):
+        raise errors.DataError(f"{where}a message must be JSON text (str), not {type(text).__name__}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise errors.DataError(f"{where}message is not valid UTF-8 text") from None
+    if size > max_bytes:
+        raise errors.DataError(f"{where}message of {size} bytes exceeds max_message_bytes={max_bytes}")
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise errors.DataError(f"{where}invalid JSON: {e}") from None
+    return size
+
+
+class Queue:
+    def __init__(self, hub, name: str, settings, store, clock=time.monotonic, wall=time.time):
+        self.hub, self.name, self.settings, self.store = hub, name, settings, store
+        self.clock, self.wall = clock, wall
+        self.lock = threading.Lock()
+        self.not_empty = threading.Condition(self.lock)
+        self.not_full = threading.Condition(self.lock)
+        self.count = 0  # committed live messages (ready + leased + delayed)
+        self.nbytes = 0
+        self.reserved_n = 0  # sends admitted but not yet committed
+        self.reserved_b = 0
+        self.cursor = 0
+        self.high = 0
+        self.refilling = False
+        self.ready: dict[int, object] = {}  # id -> Row
+        self.ready_heap: list[int] = []  # ids; stale entries skipped lazily
+        self.delayed: list[tuple[float, int]] = []  # (not_before wall time, id)
+        self.delayed_rows: dict[int, object] = {}
+        self.leases: dict[int, Lease] = {}
+        self.lease_heap: list[tuple[float, int, int]] = []  # (expires, id, token)
+        self.moving: set[int] = set()  # ids being re-homed: refills must skip them
+        self.next_token = 1
+        self.waiting = 0
+        self.totals = dict(sent=0, received=0, acked=0, nacked=0, redelivered=0, dead=0)
+
+    @property
+    def is_dead_queue(self) -> bool:
+        return self.name.endswith(DEAD_SUFFIX)
+
+    # -- sending -----------------------------------------------------------
+
+    def put_many(self, bodies: list, timeout: float | None) -> list[int]:
+        s = self.settings
+        if not isinstance(bodies, list) or not bodies:
+            raise errors.DataError("put_many needs a non-empty list of messages")
+        sizes = [validate_body(b, s.max_message_bytes, i if len(bodies) > 1 else None)
+                 for i, b in enumerate(bodies)]
+        n, total = len(bodies), sum(sizes)
+        if n > s.max_messages or total > s.max_bytes:
+            raise errors.QueueFull(f"a batch of {n} messages / {total} bytes can never fit queue "
+                                   f"'{self.name}' (max_messages={s.max_messages}, max_bytes={s.max_bytes})")
+        deadline = None if timeout is None else self.clock() + timeout
+        with self.lock:
+            while (self.count + self.reserved_n + n > s.max_messages
+                   or self.nbytes + self.reserved_b + total > s.max_bytes):
+                self.hub.check_running()
+                left = None if deadline is None else deadline - self.clock()
+                if s.overflow == "reject" or (left is not None and left <= 0):
+                    waited = "" if s.overflow == "reject" else f" after waiting {timeout:g} s"
+                    raise errors.QueueFull(
+                        f"queue '{self.name}' is full{waited} (max_messages={s.max_messages}, "
+                        f"max_bytes={s.max_bytes}, overflow={s.overflow})")
+                self.not_full.wait(left if left is not None else 1.0)
+            self.reserved_n += n
+            self.reserved_b += total
+        now = self.wall()
+        items = [(self.name, b, now, 0, 0.0, None) for b in bodies]
+        try:
+            rows = self.store.append(items, sync=s.durability == "fsync",
+                                     on_commit=lambda rows: self._on_commit(rows, total))
+        except BaseException:
+            with self.lock:
+                self.reserved_n -= n
+                self.reserved_b -= total
+                self.not_full.notify_all()
+            raise
+        self.totals["sent"] += n
+        return [r.id for r in rows]
+
+    def _on_commit(self, rows, total):
+        """Store thread, right after the commit that made *rows* durable."""
+        with self.lock:
+            self.reserved_n -= len(rows)
+            self.reserved_b -= total
+            self.count += len(rows)
+            self.nbytes += total
+            for row in rows:
+                if self.cursor >= self.high and not self.refilling and len(self.ready) < PREFETCH:
+                    self._make_ready(row)
+                    self.cursor = row.id
+                self.high = max(self.high, row.id)
+            self.not_empty.notify(len(rows))
+        self.hub.publish(self.name, rows)
+
+    def insert_moved(self, rows, sizes):
+        """Take in rows re-homed to this queue (dead-lettered or replayed)."""
+        with self.lock:
+            for row, size in zip(rows, sizes):
+                self.count += 1
+                self.nbytes += size
+                if row.id <= self.cursor:
+                    self._make_ready(row)
+                else:
+                    self.high = max(self.high, row.id)
+                self.moving.discard(row.id)
+            self.not_empty.notify(len(rows))
+
+    # -- receiving ---------------------------------------------------------
+
+    def get_many(self, max_n: int, timeout: float | None, lease_seconds: float | None) -> list[Delivery]:
+        lease_s = self.settings.lease_seconds if lease_seconds is None else lease_seconds
+        deadline = None if timeout is None else self.clock() + timeout
+        with self.lock:
+            self.waiting += 1
+            try:
+                while True:
+                    self.hub.check_running()
+                    if not self.ready and self.cursor < self.high and not self.refilling:
+                        self._refill_locked()
+                        continue
+                    if self.ready:
+                        return self._deliver_locked(max_n, lease_s)
+                    left = None if deadline is None else deadline - self.clock()
+                    if left is not None and left <= 0:
+                        return []
+                    self.not_empty.wait(1.0 if left is None else min(left, 1.0))
+            finally:
+                self.waiting -= 1
+
+    def _refill_locked(self):
+        self.refilling = True
+        after, snapshot = self.cursor, self.high
+        self.lock.release()
+        try:
+            rows = self.store.fetch(self.name, after, PREFETCH)
+        finally:
+            self.lock.acquire()
+            self.refilling = False
+        now = self.wall()
+        for row in rows:
+            if row.id in self.moving or row.id in self.leases or row.id in self.delayed_rows:
+                continue
+            if row.not_before > now:
+                self._delay(row)
+            else:
+                self._make_ready(row)
+        if rows:
+            self.cursor = max(self.cursor, rows[-1].id)
+        if len(rows) < PREFETCH:
+            self.cursor = max(self.cursor, snapshot)
+        self.not_empty.notify_all()
+
+    def _make_ready(self, row):
+        if row.id not in self.ready:
+            self.ready[row.id] = row
+            heapq.heappush(self.ready_heap, row.id)
+
+    def _delay(self, row):
+        self.delayed_rows[row.id] = row
+        heapq.heappush(self.delayed, (row.not_before, row.id))
+
+    def _deliver_locked(self, max_n, lease_s) -> list[Delivery]:
+        out = []
+        expires = self.clock() + lease_s
+        while self.ready and len(out) < max_n:
+            rid = heapq.heappop(self.ready_heap)
+            row = self.ready.pop(rid, None)
+            if row is None:
+                continue  # stale heap entry (purged or moved)
+            row = row._replace(attempts=row.attempts + 1)
+            token = self.next_token
+            self.next_token += 1
+            self.leases[rid] = Lease(row, token, expires)
+            heapq.heappush(self.lease_heap, (expires, rid, token))
+            if row.attempts > 1:
+                self.totals["redelivered"] += 1
+            out.append(Delivery(rid, token, row.body, row.attempts, row.enqueued_at, row.reason))
+        self.totals["received"] += len(out)
+        return out
+
+    # -- settling ----------------------------------------------------------
+
+    def _take_leases_locked(self, items, what):
+        """Validate (id, token) pairs and detach their leases; all or nothing."""
+        if not isinstance(items, list):
+            raise errors.DataError(f"{what} needs a list of (id, lease) pairs")
+        leases = []
+        for item in items:
+            try:
+                rid, token = item
+            except (TypeError, ValueError):
+                raise errors.DataError(f"{what} needs (id, lease) pairs, got {item!r:.60}") from None
+            lease = self.leases.get(rid)
+            if lease is None or lease.token != token:
+                raise errors.LeaseExpired(
+                    f"message {rid} of queue '{self.name}' is not leased to you: its lease expired "
+                    "(it will be or was redelivered), it was settled already, or it was purged")
+            leases.append(lease)
+        for lease in leases:
+            del self.leases[lease.row.id]
+        return leases
+
+    def ack(self, items) -> int:
+        with self.lock:
+            leases = self._take_leases_locked(items, "ack")
+            self._forget_locked([lz.row for lz in leases])
+        if leases:
+            self.store.delete([lz.row.id for lz in leases], sync=self.settings.durability == "fsync")
+        self.totals["acked"] += len(leases)
+        return len(leases)
+
+    def _forget_locked(self, rows):
+        self.count -= len(rows)
+        self.nbytes -= sum(len(r.body.encode("utf-8")) for r in rows)
+        self.not_full.notify_all()
+
+    def nack(self, items, delay: float = 0.0, reason: str | None = None) -> int:
+        if not isinstance(delay, (int, float)) or not 0 <= delay <= 366 * 86400:
+            raise errors.DataError("nack delay must be between 0 and one year, in seconds")
+        with self.lock:
+            leases = self._take_leases_locked(items, "nack")
+        self.totals["nacked"] += len(leases)
+        self._settle([lz.row for lz in leases], delay, reason or "nacked")
+        return len(leases)
+
+    def touch(self, items, seconds: float | None = None) -> float:
+        lease_s = self.settings.lease_seconds if seconds is None else seconds
+        if not isinstance(lease_s, (int, float)) or not 0 < lease_s <= 86400:
+            raise errors.DataError("a lease must be between 0 and 86400 seconds")
+        with self.lock:
+            leases = self._take_leases_locked(items, "touch")
+            expires = self.clock() + lease_s
+            for lz in leases:
+                lz.expires = expires
+                self.leases[lz.row.id] = lz
+                heapq.heappush(self.lease_heap, (expires, lz.row.id, lz.token))
+        return lease_s
+
+    def release_for_shutdown(self, items) -> int:
+        """Return messages without charging the attempt (worker shutdown)."""
+        with self.lock:
+            leases = self._take_leases_locked(items, "release")
+            for lz in leases:
+                self._make_ready(lz.row._replace(attempts=lz.row.attempts - 1))
+            self.not_empty.notify(len(leases))
+        return len(leases)
+
+    def _settle(self, rows, delay, reason):
+        """Return failed deliveries to the queue, or dead-letter the exhausted."""
+        limit = self.settings.max_attempts
+        dead = [r for r in rows if r.attempts >= limit and not self.is_dead_queue]
+        back = [r for r in rows if not (r.attempts >= limit and not self.is_dead_queue)]
+        if back:
+            not_before = self.wall() + delay if delay else 0.0
+            with self.lock:
+                for row in back:
+                    if delay:
+                        self._delay(row._replace(not_before=not_before))
+                    else:
+                        self._make_ready(row)
+                self.not_empty.notify(len(back))
+            self.store.update([(r.id, r.attempts, not_before) for r in back], wait=False)
+        if dead:
+            self.hub.dead_letter(self, dead, f"{reason} after {limit} attempt(s)")
+
+    def tick(self, now: float, wall_now: float) -> float | None:
+        """Expire leases and release due delayed messages; return the next due time."""
+        expired = []
+        with self.lock:
+            while self.lease_heap and self.lease_heap[0][0] <= now:
+                _exp, rid, token = heapq.heappop(self.lease_heap)
+                lease = self.leases.get(rid)
+                if lease is not None and lease.token == token and lease.expires <= now:
+                    del self.leases[rid]
+                    expired.append(lease.row)
+            promoted = 0
+            while self.delayed and self.delayed[0][0] <= wall_now:
+                _nb, rid = heapq.heappop(self.delayed)
+                row = self.delayed_rows.pop(rid, None)
+                if row is not None:
+                    self._make_ready(row._replace(not_before=0.0))
+                    promoted += 1
+            if promoted:
+                self.not_empty.notify(promoted)
+            due = [self.lease_heap[0][0]] if self.lease_heap else []
+            if self.delayed:
+                due.append(now + (self.delayed[0][0] - wall_now))
+        if expired:
+            self._settle(expired, 0.0, "lease expired")
+        return min(due) if due else None
+
+    # -- inspection and maintenance ---------------------------------------
+
+    def remove_for_move(self, ids) -> tuple[list[int], list[int]]:
+        """Detach *ids* (not leased) for re-homing; return (taken, refused)."""
+        taken, refused = [], []
+        with self.lock:
+            for rid in ids:
+                if rid in self.leases:
+                    refused.append(rid)
+                    continue
+                row = self.ready.pop(rid, None) or self.delayed_rows.pop(rid, None)
+                if row is not None:
+                    self._forget_locked([row])
+                elif rid > self.cursor:
+                    self.moving.add(rid)  # in the store only; the mover fixes counts
+                else:
+                    refused.append(rid)
+                    continue
+                taken.append(rid)
+        return taken, refused
+
+    def forget_store_only(self, rows):
+        """Counts for rows moved away that were never in memory."""
+        with self.lock:
+            for row in rows:
+                if row.id in self.moving:
+                    self.moving.discard(row.id)
+                    self._forget_locked([row])
+
+    def purge(self) -> int:
+        with self.lock:
+            removed = self.count
+            self.ready.clear()
+            self.ready_heap.clear()
+            self.delayed.clear()
+            self.delayed_rows.clear()
+            self.leases.clear()
+            self.lease_heap.clear()
+            self.count = self.nbytes = 0
+            floor = self.high
+            self.cursor = self.high
+            self.not_full.notify_all()
+        self.store.purge(self.name, max_id=floor, sync=self.settings.durability == "fsync")
+        return removed
+
+    def peek(self, n: int) -> list[Delivery]:
+        with self.lock:
+            ids = sorted(self.ready)[:n]
+            rows = [self.ready[i] for i in ids]
+            short = n - len(rows)
+            after = self.cursor if short > 0 and self.cursor < self.high else None
+        if after is not None:
+            rows += [r for r in self.store.fetch(self.name, after, short) if r.not_before <= self.wall()]
+        return [Delivery(r.id, 0, r.body, r.attempts, r.enqueued_at, r.reason) for r in rows[:n]]
+
+    def stats(self) -> dict:
+        with self.lock:
+            leased = len(self.leases)
+            delayed = len(self.delayed_rows)
+            oldest = min((r.enqueued_at for r in self.ready.values()), default=None)
+            return {
+                "name": self.name,
+                "ready": self.count - leased - delayed,
+                "leased": leased,
+                "delayed": delayed,
+                "bytes": self.nbytes,
+                "waiting": self.waiting,
+                "oldest_age": None if oldest is None else max(0.0, self.wall() - oldest),
+                "durability": self.settings.durability,
+                **self.totals,
+            }

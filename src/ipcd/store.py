@@ -1,0 +1,656 @@
+"""Message persistence: SQLite owned by one thread, with group commit.
+
+Knows nothing of leases, waiters or the network: the queue layer keeps those in memory
+and uses this module only to make messages durable.
+
+* One store thread owns the connection and runs every operation, reads included, from a
+  FIFO work queue; callers block on a small future. FIFO order is what lets a read see
+  every write queued before it, including fire-and-forget (``wait=False``) ones.
+* Group commit: the thread takes all pending writes and runs them in one
+  ``BEGIN IMMEDIATE`` ... ``COMMIT``, so N concurrent senders cost one WAL write (one
+  fsync with ``sync=True``) instead of N. ``on_commit`` callbacks run in the thread right
+  after COMMIT, in commit order, before any caller of that group is released.
+* A failed group is rolled back and each op retried alone, so only an op that does not
+  fit (disk full, ``max_bytes``) or is bad fails; deletes in the group still free space.
+* A corrupt file is never overwritten or deleted: it is renamed aside with its -wal/-shm
+  and StoreCorrupt tells the user how to recover it.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import os
+import queue as queuelib
+import sqlite3
+import threading
+import time
+import urllib.parse
+from typing import Any, Callable, NamedTuple
+
+from ipcd.errors import ConfigError, StorageFull, StoreCorrupt, Unavailable
+
+SCHEMA_VERSION = 1
+_MAGIC = b"SQLite format 3\x00"
+_CORRUPT, _FULL, _NOTADB = 11, 13, 26  # primary result codes (sqlite_errorcode & 0xFF)
+_CANT_OPEN = {3, 8, 14}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
+_CHUNK = 500  # ids per IN (...): under SQLITE_MAX_VARIABLE_NUMBER even before 3.32 (999)
+_MAX_GROUP = 4096  # ops per drain: bounds how long one transaction holds every sender
+_CAP_HEADROOM = 256  # pages beyond max_bytes granted to ops that do not add messages
+_WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL is cut back to this after a checkpoint
+_COLS = "id, queue, body, attempts, enqueued_at, not_before, reason"
+_WRITES = frozenset({"append", "delete", "update", "move", "purge"})
+
+
+class Row(NamedTuple):
+    id: int  # global, increasing in commit order, never reused (AUTOINCREMENT)
+    queue: str
+    body: str  # JSON text, stored as given
+    attempts: int
+    enqueued_at: float  # unix time
+    not_before: float  # 0.0 = deliverable now
+    reason: str | None  # dead-letter reason
+
+
+NewItem = tuple[str, str, float, int, float, str | None]  # queue, body, enqueued_at, attempts, not_before, reason
+OnCommit = Callable[[list[Row]], None]
+
+
+def _code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None  # extended code -> primary
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return isinstance(exc, sqlite3.Error) and (
+        _code(exc) == _FULL or "database or disk is full" in str(exc))
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        _code(exc) in (_CORRUPT, _NOTADB) or "malformed" in str(exc) or "not a database" in str(exc))
+
+
+def _new_rows(items: list[NewItem]) -> list[Row]:
+    """Rows with id 0, normalised as they will read back (REAL columns return floats)."""
+    return [Row(0, q, body, int(att), float(enq), float(nb), reason)
+            for q, body, enq, att, nb, reason in items]
+
+
+class _BeginFailed(Exception):
+    """The transaction could not start (e.g. busy): no single op is to blame."""
+
+
+class _Op:
+    """One unit of work for the store thread and the future its caller waits on."""
+
+    __slots__ = ("kind", "args", "sync", "on_commit", "done", "result", "error")
+
+    def __init__(self, kind: str, args: tuple, sync: bool = False, on_commit: OnCommit | None = None):
+        self.kind, self.args, self.sync, self.on_commit = kind, args, sync, on_commit
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class SqliteStore:
+    """Durable store in one SQLite file (WAL). All methods are thread-safe.
+
+    ``on_commit`` callbacks run in the store thread: they must be quick and must not call
+    the store (that would wait on the thread that is running them).
+    """
+
+    compact_min_pages = 1024  # below ~4 MiB a vacuum is not worth its I/O
+    close_timeout = 10.0  # seconds close() waits for the thread to finish pending work
+
+    def __init__(self, path: str, *, max_bytes: int = 0, logger: logging.Logger | None = None):
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.log = logger or logging.getLogger("ipcd.store")
+        self.commits = 0  # write transactions committed (stats; shows group commit working)
+        self._conn: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._q: queuelib.SimpleQueue[_Op] = queuelib.SimpleQueue()
+        self._lock = threading.Lock()  # orders submissions against close()
+        self._closed = True  # until open() succeeds
+        self._sync_full = False  # current PRAGMA synchronous is FULL
+        self._cap = 0  # max_page_count for appends; 0 = no cap
+        self._cap_set = 0  # the max_page_count last asked for
+        self._incremental = True  # auto_vacuum=INCREMENTAL (false for a foreign older file)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Check the file, open or create it, start the store thread.
+
+        Raises StoreCorrupt (file moved aside), StorageFull, ConfigError (cannot open,
+        or not an ipcd store).
+        """
+        with self._lock:
+            if not self._closed or (self._thread is not None and self._thread.is_alive()):
+                raise RuntimeError(f"store {self.path} is already open")
+        self._check_file()
+        self._conn = self._connect()
+        self._q = queuelib.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ipcd-store", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish queued work, checkpoint, stop the thread. Idempotent; fine after a failed open."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._q.put(_Op("close", ()))  # last in FIFO: everything queued before it is done
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return  # never opened, or called from on_commit: the thread stops after this batch
+        thread.join(self.close_timeout)
+        if thread.is_alive():
+            self.log.warning("store thread did not stop within %.0fs; committed messages are "
+                             "safe in %s-wal", self.close_timeout, self.path)
+
+    def _check_file(self) -> None:
+        """Refuse a corrupt file before opening it read-write.
+
+        The check uses a read-only connection: closing a read-write one checkpoints the WAL
+        into the main file, which would alter the very bytes we promise to keep.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+        except FileNotFoundError:
+            return
+        if not head:
+            return  # a new WAL database may hold everything in -wal until its first checkpoint
+        if len(head) < 100 or not head.startswith(_MAGIC):
+            # SQLite itself takes a 1..15-byte file for an empty database and would write over it.
+            self._set_aside("not an SQLite database, or truncated inside its header")
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        detail, conn = "", None
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+            if rows != [("ok",)]:
+                detail = "quick_check: " + "; ".join(str(r[0]) for r in rows)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise self._open_error(exc) from exc
+            detail = str(exc)
+        finally:
+            if conn is not None:
+                conn.close()
+        if detail:
+            self._set_aside(detail)
+
+    def _set_aside(self, detail: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside, n = f"{self.path}.corrupt-{stamp}", 0
+        while any(os.path.lexists(aside + s) for s in ("", "-wal", "-shm")):
+            n += 1  # rename() would silently replace an earlier saved copy
+            aside = f"{self.path}.corrupt-{stamp}.{n}"
+        # Siblings first: if we die half-way, the corrupt main file is still in place and
+        # is found again at the next start, rather than a stale -wal meeting a new database.
+        for suffix in ("-wal", "-shm", ""):
+            if os.path.lexists(self.path + suffix):
+                os.rename(self.path + suffix, aside + suffix)
+        self.log.error("store %s is corrupt (%s); moved aside to %s", self.path, detail, aside)
+        raise StoreCorrupt(
+            f"store {self.path} is corrupt ({detail}); it was moved aside to {aside} and nothing "
+            f"was deleted. Start again to begin with an empty store; recover messages from the "
+            f"saved file with: sqlite3 {aside} .recover")
+
+    def _open_error(self, exc: BaseException) -> BaseException:
+        if _is_full(exc):
+            return StorageFull(f"store is full: {exc}; messages already accepted are safe")
+        if _code(exc) in _CANT_OPEN:
+            return ConfigError(f"cannot open store {self.path}: {exc} (does its directory exist "
+                               "and is it writable by this user?)")
+        return exc
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
+        # check_same_thread=False: opened here, then used only by the store thread.
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from exc
+        try:
+            self._setup(conn)
+        except BaseException as exc:
+            conn.close()
+            if _is_corrupt(exc):
+                self._set_aside(str(exc))
+            err = self._open_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            # Only possible before the first table exists (later it would need a full VACUUM).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        elif "meta" not in tables:
+            raise ConfigError(f"{self.path} is an SQLite database but not an ipcd store (it has "
+                              "no meta table); refusing to use it")
+        else:
+            version = int(one("SELECT value FROM meta WHERE key='schema_version'"))
+            if version > SCHEMA_VERSION:
+                raise StoreCorrupt(
+                    f"store {self.path} has schema version {version}, newer than this ipcd "
+                    f"supports ({SCHEMA_VERSION}); the file was left untouched: run a newer "
+                    "ipcd, or point this one at another store")
+        if one("PRAGMA journal_mode=WAL").lower() != "wal":
+            raise ConfigError(f"store {self.path}: SQLite refused WAL mode (network filesystem?)")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA cache_size=-16384")  # 16 MiB
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("""CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, enqueued_at REAL NOT NULL,
+            not_before REAL NOT NULL DEFAULT 0, reason TEXT)""")
+        conn.execute("CREATE INDEX IF NOT EXISTS messages_queue_id ON messages (queue, id)")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+        self._incremental = one("PRAGMA auto_vacuum") == 2
+        if not self._incremental:
+            self.log.warning("store %s was not created with auto_vacuum=INCREMENTAL; "
+                             "maybe_compact() will not shrink it", self.path)
+        self._sync_full, self._cap = False, 0
+        if self.max_bytes > 0:
+            # Never below what is already there: an over-quota store must still open and drain.
+            self._cap = max(self.max_bytes // one("PRAGMA page_size"), one("PRAGMA page_count") + 16)
+            self._set_cap(conn, self._cap)
+
+    def _set_cap(self, conn: sqlite3.Connection, pages: int) -> None:
+        if pages != self._cap_set:
+            conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchall()
+            self._cap_set = pages
+
+    # -- public API ------------------------------------------------------------------------
+
+    def load_summary(self) -> dict[str, tuple[int, int, int]]:
+        """queue -> (count, total UTF-8 body bytes, max id). Reads every body: startup only."""
+        return self._submit("summary", ())
+
+    def append(self, items: list[NewItem], *, sync: bool = False,
+               on_commit: OnCommit | None = None) -> list[Row]:
+        if not items:
+            return []
+        return self._submit("append", (list(items),), sync=sync, on_commit=on_commit)
+
+    def fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
+        return self._submit("fetch", (queue, after_id, limit))
+
+    def get(self, ids: list[int]) -> list[Row]:
+        return self._submit("get", (list(ids),)) if ids else []
+
+    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
+        if not ids:
+            return 0
+        n = self._submit("delete", (list(ids),), sync=sync, wait=wait)
+        return n if wait else 0
+
+    def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:
+        if changes:
+            self._submit("update", (list(changes),), wait=wait)
+
+    def move(self, ids: list[int], queue: str, *, reason: str | None, reset_attempts: bool,
+             sync: bool = False) -> list[Row]:
+        """Re-home rows (dead-letter, replay) keeping their ids; not_before is left as is."""
+        if not ids:
+            return []
+        return self._submit("move", (list(ids), queue, reason, reset_attempts), sync=sync)
+
+    def purge(self, queue: str, *, sync: bool = False) -> int:
+        return self._submit("purge", (queue,), sync=sync)
+
+    def size_on_disk(self) -> int:
+        total = 0
+        for name in (self.path, self.path + "-wal"):
+            try:
+                total += os.stat(name).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def maybe_compact(self) -> bool:
+        return self._submit("compact", ())
+
+    def _submit(self, kind: str, args: tuple, *, sync: bool = False,
+                on_commit: OnCommit | None = None, wait: bool = True) -> Any:
+        thread = self._thread
+        if wait and thread is threading.current_thread():
+            raise RuntimeError("store called from its own thread (from an on_commit callback?)")
+        op = _Op(kind, args, sync, on_commit)
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"store {self.path} is closed")
+            self._q.put(op)
+        if not wait:
+            return None
+        while not op.done.wait(1.0):
+            if not thread.is_alive() and not op.done.is_set():
+                raise Unavailable(f"store {self.path}: store thread stopped")
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    # -- store thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = [self._q.get()]
+                try:
+                    while len(batch) < _MAX_GROUP:
+                        batch.append(self._q.get_nowait())
+                except queuelib.Empty:
+                    pass
+                writes: list[_Op] = []
+                for op in batch:
+                    if op.kind in _WRITES:
+                        writes.append(op)
+                        continue
+                    if writes:  # commit first: a read must see the writes queued before it
+                        self._write_group(writes)
+                        writes = []
+                    if op.kind == "close":
+                        self._shutdown(op)
+                        return
+                    self._read(op)
+                if writes:
+                    self._write_group(writes)
+        except BaseException:  # a bug: never leave callers blocked on futures nobody will finish
+            self.log.critical("store thread crashed", exc_info=True)
+        finally:
+            with self._lock:
+                self._closed = True
+            while True:
+                try:
+                    self._q.get_nowait().finish(error=Unavailable(f"store {self.path} is closed"))
+                except queuelib.Empty:
+                    break
+
+    def _shutdown(self, op: _Op) -> None:
+        conn, self._conn = self._conn, None
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:  # the WAL stays and is replayed at the next open
+            self.log.warning("store %s: final checkpoint failed: %s", self.path, exc)
+        try:
+            conn.close()
+        except sqlite3.Error as exc:
+            self.log.warning("store %s: close failed: %s", self.path, exc)
+        op.finish()
+
+    def _write_group(self, ops: list[_Op]) -> None:
+        try:
+            results = self._transaction(ops)
+        except Exception as exc:
+            if isinstance(exc, _BeginFailed) or len(ops) == 1:
+                # Retrying each op alone would only repeat the same failure N times.
+                for op in ops:
+                    self._fail(op, exc.__cause__ if isinstance(exc, _BeginFailed) else exc)
+                return
+            self.log.debug("group of %d writes failed (%s); retrying one by one", len(ops), exc)
+            for op in ops:
+                try:
+                    self._finish([op], self._transaction([op]))
+                except Exception as exc1:
+                    self._fail(op, exc1)
+            return
+        self._finish(ops, results)
+
+    def _transaction(self, ops: list[_Op]) -> list[Any]:
+        conn = self._conn
+        full = any(op.sync for op in ops)
+        cur = conn.cursor()
+        try:
+            if full != self._sync_full:  # cannot change inside a transaction; only when needed
+                cur.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+                self._sync_full = full
+            if self._cap:
+                # Only appends add messages; deletes, updates and moves may need a few pages
+                # to rebalance and must keep working at the quota so that space can be freed.
+                grows = any(op.kind == "append" for op in ops)
+                self._set_cap(conn, self._cap if grows else self._cap + _CAP_HEADROOM)
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _BeginFailed(str(exc)) from exc
+        try:
+            results = [getattr(self, "_w_" + op.kind)(cur, *op.args) for op in ops]
+            cur.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    self.log.error("store %s: rollback failed: %s", self.path, exc)
+            raise
+        self.commits += 1
+        return results
+
+    def _finish(self, ops: list[_Op], results: list[Any]) -> None:
+        for op, result in zip(ops, results):
+            if op.on_commit is not None:
+                try:
+                    op.on_commit(result)
+                except Exception:  # the rows are committed: the send must still succeed
+                    self.log.exception("on_commit callback failed")
+            op.finish(result)
+
+    def _read(self, op: _Op) -> None:
+        try:
+            op.finish(getattr(self, "_r_" + op.kind)(*op.args))
+        except Exception as exc:
+            self._fail(op, exc)
+
+    def _fail(self, op: _Op, exc: BaseException) -> None:
+        if _is_full(exc):
+            err: BaseException = StorageFull(f"store is full: {exc}; messages already accepted are safe")
+            self.log.warning("store %s: %s failed: %s", self.path, op.kind, exc)
+        elif _is_corrupt(exc):
+            err = StoreCorrupt(f"store {self.path} is corrupt ({exc}); restart ipcd to check it "
+                               "and move it aside")
+            self.log.error("store %s: %s failed: %s", self.path, op.kind, exc)
+        else:
+            err = exc
+            self.log.error("store %s: %s failed", self.path, op.kind, exc_info=exc)
+        if err is not exc:
+            err.__cause__ = exc
+        op.finish(error=err)
+
+    # Writers run inside the group transaction; each returns its op's result.
+
+    def _w_append(self, cur: sqlite3.Cursor, items: list[NewItem]) -> list[Row]:
+        rows = []
+        for r in _new_rows(items):
+            cur.execute("INSERT INTO messages (queue, body, attempts, enqueued_at, not_before, "
+                        "reason) VALUES (?, ?, ?, ?, ?, ?)", r[1:])
+            rows.append(r._replace(id=cur.lastrowid))
+        return rows
+
+    def _w_delete(self, cur: sqlite3.Cursor, ids: list[int]) -> int:
+        cur.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+        return cur.rowcount  # executemany sums the rows changed
+
+    def _w_update(self, cur: sqlite3.Cursor, changes: list[tuple[int, int, float]]) -> None:
+        cur.executemany("UPDATE messages SET attempts = ?, not_before = ? WHERE id = ?",
+                        [(att, nb, i) for i, att, nb in changes])
+
+    def _w_move(self, cur: sqlite3.Cursor, ids: list[int], queue: str, reason: str | None,
+                reset: bool) -> list[Row]:
+        cur.executemany("UPDATE messages SET queue = ?, reason = ?, attempts = CASE WHEN ? THEN 0 "
+                        "ELSE attempts END WHERE id = ?", [(queue, reason, reset, i) for i in ids])
+        return self._select_ids(cur, ids)
+
+    def _w_purge(self, cur: sqlite3.Cursor, queue: str) -> int:
+        return cur.execute("DELETE FROM messages WHERE queue = ?", (queue,)).rowcount
+
+    def _select_ids(self, cur: sqlite3.Cursor, ids: list[int]) -> list[Row]:
+        ids, out = sorted(set(ids)), []
+        for k in range(0, len(ids), _CHUNK):
+            part = ids[k:k + _CHUNK]
+            marks = ",".join("?" * len(part))
+            out += map(Row._make, cur.execute(
+                f"SELECT {_COLS} FROM messages WHERE id IN ({marks}) ORDER BY id", part))
+        return out
+
+    def _r_fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
+        return list(map(Row._make, self._conn.execute(
+            f"SELECT {_COLS} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
+            (queue, after_id, limit))))
+
+    def _r_get(self, ids: list[int]) -> list[Row]:
+        return self._select_ids(self._conn.cursor(), ids)
+
+    def _r_summary(self) -> dict[str, tuple[int, int, int]]:
+        return {q: (n, size or 0, top) for q, n, size, top in self._conn.execute(
+            "SELECT queue, count(*), sum(length(CAST(body AS BLOB))), max(id) "
+            "FROM messages GROUP BY queue")}
+
+    def _r_compact(self) -> bool:
+        conn, did = self._conn, False
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if self._incremental and pages > self.compact_min_pages and free * 2 > pages:
+            # Each step of this pragma frees one page, and execute() stops after one step for
+            # a statement without columns; executescript() steps it to the end.
+            conn.executescript("PRAGMA incremental_vacuum")
+            did = True
+            self.log.info("store %s: compacted %d free pages of %d", self.path, free, pages)
+        wal = self.path + "-wal"
+        if did or (os.path.exists(wal) and os.path.getsize(wal) > _WAL_LIMIT // 4):
+            # In WAL mode the main file only shrinks when the checkpoint copies the vacuum back.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return did
+
+
+class MemoryStore:
+    """Same interface without a file, for durability="memory": nothing survives a restart."""
+
+    def __init__(self, path: str = "", *, max_bytes: int = 0, logger: logging.Logger | None = None):
+        self.path, self.max_bytes = path, max_bytes
+        self.log = logger or logging.getLogger("ipcd.store")
+        self.commits = 0
+        self._rows: dict[int, Row] = {}
+        self._by_queue: dict[str, dict[int, Row]] = {}
+        self._bytes = 0
+        self._last_id = 0
+        self._lock = threading.Lock()  # held across on_commit so callbacks see commit order
+        self._open = False
+
+    def open(self) -> None:
+        self._open = True
+
+    def close(self) -> None:
+        self._open = False
+
+    def _check(self) -> None:
+        if not self._open:
+            raise Unavailable("store is closed")
+
+    def _put(self, row: Row) -> None:
+        self._rows[row.id] = row
+        self._by_queue.setdefault(row.queue, {})[row.id] = row
+
+    def _pop(self, i: int) -> Row | None:
+        row = self._rows.pop(i, None)
+        if row is not None:
+            del self._by_queue[row.queue][row.id]
+            self._bytes -= len(row.body.encode())
+        return row
+
+    def load_summary(self) -> dict[str, tuple[int, int, int]]:
+        with self._lock:
+            return {q: (len(d), sum(len(r.body.encode()) for r in d.values()), max(d))
+                    for q, d in self._by_queue.items() if d}
+
+    def append(self, items: list[NewItem], *, sync: bool = False,
+               on_commit: OnCommit | None = None) -> list[Row]:
+        if not items:
+            return []
+        with self._lock:
+            self._check()
+            size = sum(len(item[1].encode()) for item in items)
+            if self.max_bytes and self._bytes + size > self.max_bytes:
+                raise StorageFull(f"store is full: {self._bytes + size} bytes would exceed "
+                                  f"max_bytes={self.max_bytes}; messages already accepted are safe")
+            rows = []
+            for row in _new_rows(items):
+                self._last_id += 1
+                rows.append(row._replace(id=self._last_id))
+                self._put(rows[-1])
+            self._bytes += size
+            self.commits += 1
+            if on_commit is not None:
+                try:
+                    on_commit(rows)
+                except Exception:
+                    self.log.exception("on_commit callback failed")
+        return rows
+
+    def fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
+        with self._lock:
+            self._check()
+            d = self._by_queue.get(queue, {})
+            return [d[i] for i in heapq.nsmallest(limit, (i for i in d if i > after_id))]
+
+    def get(self, ids: list[int]) -> list[Row]:
+        with self._lock:
+            self._check()
+            return [self._rows[i] for i in sorted(set(ids)) if i in self._rows]
+
+    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
+        with self._lock:
+            self._check()
+            n = sum(self._pop(i) is not None for i in set(ids))
+        return n if wait else 0
+
+    def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:
+        with self._lock:
+            self._check()
+            for i, attempts, not_before in changes:
+                if i in self._rows:
+                    self._put(self._rows[i]._replace(attempts=attempts, not_before=not_before))
+
+    def move(self, ids: list[int], queue: str, *, reason: str | None, reset_attempts: bool,
+             sync: bool = False) -> list[Row]:
+        with self._lock:
+            self._check()
+            moved = []
+            for i in sorted(set(ids)):
+                row = self._pop(i)
+                if row is not None:
+                    row = row._replace(queue=queue, reason=reason,
+                                       attempts=0 if reset_attempts else row.attempts)
+                    self._put(row)
+                    self._bytes += len(row.body.encode())
+                    moved.append(row)
+            return moved
+
+    def purge(self, queue: str, *, sync: bool = False) -> int:
+        with self._lock:
+            self._check()
+            ids = list(self._by_queue.get(queue, ()))
+            return sum(self._pop(i) is not None for i in ids)
+
+    def size_on_disk(self) -> int:
+        return 0
+
+    def maybe_compact(self) -> bool:
+        return False
