@@ -18,8 +18,8 @@ from typing import List, Optional
 
 import typer
 
-from . import errors
-from .errors import ExitCode
+from . import commands, errors
+from .commands import load_config, open_client  # noqa: F401  (used by cli_* modules too)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Named queues for one host: named pipes with structure and guarantees.")
@@ -31,28 +31,11 @@ app.add_typer(dead_app, name="dead")
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="IPCD_CONFIG", show_envvar=False,
                          help="Config file (default: $IPCD_CONFIG, then the per-user/system path).")
 AddressOpt = typer.Option(None, "--address", "-a", help="Socket path or host:port (overrides the config).")
-SEND_BATCH = 100
 
 
 def fail(err: errors.IpcdError):
     typer.echo(f"Error: {err}", err=True)
     raise typer.Exit(int(err.exit_code))
-
-
-def load_config(config_path, address=None):
-    from . import config as configmod
-
-    return configmod.load(config_path, overrides={"address": address} if address else None)
-
-
-def open_client(config_path, address, *, reconnect_timeout=0.0):
-    from . import paths
-    from .client import Client, read_authkey
-
-    cfg = load_config(config_path, address)
-    key = read_authkey(cfg.authkey_file)
-    _kind, addr = paths.parse_address(cfg.address)
-    return Client(addr, key, reconnect_timeout=reconnect_timeout, max_request_bytes=cfg.max_request_bytes)
 
 
 def guarded(fn):
@@ -68,19 +51,10 @@ def guarded(fn):
         except KeyboardInterrupt:
             raise typer.Exit(130)
         except BrokenPipeError:
-            _silence_stdout()
+            commands.silence_stdout()
             raise typer.Exit(0)
 
     return wrapper
-
-
-def _silence_stdout():
-    # The reader went away: stop Python from complaining at exit.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
 
 
 # -- daemon lifecycle ---------------------------------------------------------
@@ -179,22 +153,6 @@ def _duration(seconds: float) -> str:
 # -- messages ------------------------------------------------------------------
 
 
-def _encode(raw: str, as_text: bool) -> str:
-    """Validate one message locally (the daemon checks again) and return its JSON text."""
-    from .client import dumps
-
-    if as_text:
-        return dumps(raw)
-    try:
-        return dumps(json.loads(raw, parse_constant=_no_constants))
-    except ValueError as e:
-        raise errors.DataError(f"invalid JSON: {e}") from None
-
-
-def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 @app.command()
 @guarded
 def send(queue: str = typer.Argument(..., help="Queue name (created on first use)."),
@@ -204,69 +162,11 @@ def send(queue: str = typer.Argument(..., help="Queue name (created on first use
          timeout: Optional[float] = typer.Option(None, help="Seconds to wait when the queue is full (default: wait)."),
          config: Optional[str] = ConfigOpt, address: Optional[str] = AddressOpt):
     """Send a JSON message; exit 0 once the daemon has stored it."""
-    from .config import validate_queue_name
-
-    validate_queue_name(queue)
-    if lines:
-        if message not in (None, "-"):
-            raise errors.UsageError("--lines reads stdin: give no MESSAGE")
-        raise typer.Exit(_send_lines(queue, text, timeout, config, address))
-    raw = sys.stdin.read() if message in (None, "-") else message
-    if text and message in (None, "-") and raw.endswith("\n"):
-        raw = raw[:-1]
-    body = _encode(raw, text)
-    with open_client(config, address) as c:
-        c.send_json_many(queue, [body], timeout=timeout)
+    raise typer.Exit(commands.send(queue, message, lines=lines, text=text, timeout=timeout,
+                                   config=config, address=address))
 
 
-def _send_lines(queue, as_text, timeout, config, address) -> int:
-    """Stream stdin: send what has arrived without waiting for a full batch.
-
-    Reads the fd directly (not the buffered TextIO) so a line from
-    ``tail -F`` is sent as soon as it arrives, while a file on stdin is
-    sent in batches of SEND_BATCH.
-    """
-    fd = sys.stdin.fileno()
-    code = 0
-    lineno = 0
-    pending = b""
-    with open_client(config, address) as c:
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if chunk:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-            else:
-                complete, pending = ([pending] if pending else []), b""
-            batch = []
-            for raw in complete:
-                lineno += 1
-                line = raw.decode("utf-8", errors="replace").rstrip("\r")
-                if not line.strip():
-                    continue
-                try:
-                    batch.append(_encode(line, as_text))
-                except errors.DataError as e:
-                    typer.echo(f"Error: line {lineno}: {e}", err=True)
-                    code = int(ExitCode.DATAERR)
-                if len(batch) >= SEND_BATCH:
-                    c.send_json_many(queue, batch, timeout=timeout)
-                    batch = []
-            if batch:
-                c.send_json_many(queue, batch, timeout=timeout)
-            if not chunk:
-                return code
-
-
-def _print_message(m, meta: bool):
-    if meta:
-        line = json.dumps(m.envelope(), ensure_ascii=False, separators=(",", ":"))
-    elif "\n" in m.text or "\r" in m.text:  # e.g. pretty JSON from a stdlib client
-        line = json.dumps(m.body, ensure_ascii=False, separators=(",", ":"))
-    else:
-        line = m.text
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+_print_message = commands.print_message
 
 
 @app.command()
@@ -283,29 +183,8 @@ def recv(queue: str = typer.Argument(..., help="Queue name."),
     Each message is acknowledged only after its line was written and flushed,
     so a crash or a closed pipe never loses one (it is redelivered).
     """
-    from .config import validate_queue_name
-
-    validate_queue_name(queue)
-    with open_client(config, address) as c:
-        to_ack = []
-        while True:
-            msgs = c.recv_many(queue, n, timeout=timeout, lease=lease, ack=to_ack)
-            to_ack = []
-            if not msgs:
-                if follow:
-                    continue
-                raise errors.Timeout(f"no message arrived on '{queue}' within {timeout:g} s")
-            for i, m in enumerate(msgs):
-                try:
-                    _print_message(m, meta)
-                except BrokenPipeError:
-                    c.release(msgs[i:])  # back to the queue at once, attempt not charged
-                    c.ack(to_ack)
-                    raise
-                to_ack.append(m)
-            if not follow:
-                c.ack(to_ack)
-                return
+    raise typer.Exit(commands.recv(queue, n=n, timeout=timeout, follow=follow, meta=meta, lease=lease,
+                                   config=config, address=address))
 
 
 @app.command()

@@ -161,6 +161,7 @@ class Daemon:
                              logger=logging.getLogger("ipcd.store"))
         sqlite.open()
         memory = MemoryStore()
+        memory.open()
         self.stores = [sqlite, memory]
         return {"os": sqlite, "fsync": sqlite, "memory": memory}
 

@@ -1,19 +1,13 @@
-"""Message persistence: SQLite owned by one thread, with group commit.
+"""Message persistence: SQLite owned by one thread, with group commit. No leases, no network.
 
-Knows nothing of leases, waiters or the network: the queue layer keeps those in memory
-and uses this module only to make messages durable.
-
-* One store thread owns the connection and runs every operation, reads included, from a
-  FIFO work queue; callers block on a small future. FIFO order is what lets a read see
-  every write queued before it, including fire-and-forget (``wait=False``) ones.
-* Group commit: the thread takes all pending writes and runs them in one
-  ``BEGIN IMMEDIATE`` ... ``COMMIT``, so N concurrent senders cost one WAL write (one
-  fsync with ``sync=True``) instead of N. ``on_commit`` callbacks run in the thread right
-  after COMMIT, in commit order, before any caller of that group is released.
-* A failed group is rolled back and each op retried alone, so only an op that does not
-  fit (disk full, ``max_bytes``) or is bad fails; deletes in the group still free space.
-* A corrupt file is never overwritten or deleted: it is renamed aside with its -wal/-shm
-  and StoreCorrupt tells the user how to recover it.
+* One store thread owns the connection and runs every op, reads included, from a FIFO queue;
+  callers wait on a small future. FIFO is what lets a read see every write queued before it.
+* Group commit: all pending writes run in one BEGIN IMMEDIATE ... COMMIT, so N concurrent
+  senders cost one WAL write (one fsync with sync=True). on_commit callbacks run in the thread
+  right after COMMIT, in commit order, before the callers are released.
+* A failed group is rolled back and each op retried alone: only the op that does not fit
+  (disk full, max_bytes) or is bad fails, and deletes in the group still free space.
+* A corrupt file is never overwritten or deleted: it is renamed aside with its -wal/-shm.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from ipcd.errors import ConfigError, StorageFull, StoreCorrupt, Unavailable
 
@@ -36,9 +30,10 @@ _MAGIC = b"SQLite format 3\x00"
 _CORRUPT, _FULL, _NOTADB = 11, 13, 26  # primary result codes (sqlite_errorcode & 0xFF)
 _CANT_OPEN = {3, 8, 14}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
 _CHUNK = 500  # ids per IN (...): under SQLITE_MAX_VARIABLE_NUMBER even before 3.32 (999)
-_MAX_GROUP = 4096  # ops per drain: bounds how long one transaction holds every sender
-_CAP_HEADROOM = 256  # pages beyond max_bytes granted to ops that do not add messages
-_WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL is cut back to this after a checkpoint
+_MAX_BATCH = 4096  # ops taken per round: bounds how long one transaction holds every sender
+_CAP_HEADROOM = 256  # pages beyond max_bytes granted to ops that add no message
+_WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL file is cut back to this after a checkpoint
+_WAL_TRUNCATE_AT = 1 << 20  # maybe_compact() returns a WAL bigger than this to the filesystem
 _COLS = "id, queue, body, attempts, enqueued_at, not_before, reason"
 _WRITES = frozenset({"append", "delete", "update", "move", "purge"})
 
@@ -53,7 +48,8 @@ class Row(NamedTuple):
     reason: str | None  # dead-letter reason
 
 
-NewItem = tuple[str, str, float, int, float, str | None]  # queue, body, enqueued_at, attempts, not_before, reason
+# (queue, body, enqueued_at, attempts, not_before, reason)
+NewItem = tuple[str, str, float, int, float, str | None]
 OnCommit = Callable[[list[Row]], None]
 
 
@@ -70,8 +66,20 @@ def _is_full(exc: BaseException) -> bool:
 
 
 def _is_corrupt(exc: BaseException) -> bool:
+    text = str(exc)
     return isinstance(exc, sqlite3.DatabaseError) and (
-        _code(exc) in (_CORRUPT, _NOTADB) or "malformed" in str(exc) or "not a database" in str(exc))
+        _code(exc) in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text)
+
+
+def _fsize(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _full_error(detail: object) -> StorageFull:
+    return StorageFull(f"store is full: {detail}; messages already accepted are safe")
 
 
 def _new_rows(items: list[NewItem]) -> list[Row]:
@@ -85,11 +93,12 @@ class _BeginFailed(Exception):
 
 
 class _Op:
-    """One unit of work for the store thread and the future its caller waits on."""
+    """One unit of work for the store thread, and the future its caller waits on."""
 
     __slots__ = ("kind", "args", "sync", "on_commit", "done", "result", "error")
 
-    def __init__(self, kind: str, args: tuple, sync: bool = False, on_commit: OnCommit | None = None):
+    def __init__(self, kind: str, args: tuple, sync: bool = False,
+                 on_commit: OnCommit | None = None):
         self.kind, self.args, self.sync, self.on_commit = kind, args, sync, on_commit
         self.done = threading.Event()
         self.result: Any = None
@@ -104,7 +113,7 @@ class SqliteStore:
     """Durable store in one SQLite file (WAL). All methods are thread-safe.
 
     ``on_commit`` callbacks run in the store thread: they must be quick and must not call
-    the store (that would wait on the thread that is running them).
+    the store (that would wait on the thread running them; it raises RuntimeError instead).
     """
 
     compact_min_pages = 1024  # below ~4 MiB a vacuum is not worth its I/O
@@ -120,18 +129,18 @@ class SqliteStore:
         self._q: queuelib.SimpleQueue[_Op] = queuelib.SimpleQueue()
         self._lock = threading.Lock()  # orders submissions against close()
         self._closed = True  # until open() succeeds
-        self._sync_full = False  # current PRAGMA synchronous is FULL
+        self._sync_full = False  # PRAGMA synchronous is FULL right now
         self._cap = 0  # max_page_count for appends; 0 = no cap
         self._cap_set = 0  # the max_page_count last asked for
-        self._incremental = True  # auto_vacuum=INCREMENTAL (false for a foreign older file)
+        self._full_logged = -1e9  # monotonic time of the last "full" warning
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
         """Check the file, open or create it, start the store thread.
 
-        Raises StoreCorrupt (file moved aside), StorageFull, ConfigError (cannot open,
-        or not an ipcd store).
+        Raises StoreCorrupt (file moved aside, or schema too new), StorageFull, ConfigError
+        (cannot open, or not an ipcd store).
         """
         with self._lock:
             if not self._closed or (self._thread is not None and self._thread.is_alive()):
@@ -140,7 +149,8 @@ class SqliteStore:
         self._conn = self._connect()
         self._q = queuelib.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ipcd-store", daemon=True)
-        self._closed = False
+        with self._lock:
+            self._closed = False
         self._thread.start()
 
     def close(self) -> None:
@@ -158,11 +168,8 @@ class SqliteStore:
                              "safe in %s-wal", self.close_timeout, self.path)
 
     def _check_file(self) -> None:
-        """Refuse a corrupt file before opening it read-write.
-
-        The check uses a read-only connection: closing a read-write one checkpoints the WAL
-        into the main file, which would alter the very bytes we promise to keep.
-        """
+        # Read-only: closing a read-write connection checkpoints the WAL into the main file,
+        # which would alter the very bytes we promise to keep if it is corrupt.
         try:
             with open(self.path, "rb") as f:
                 head = f.read(100)
@@ -196,8 +203,8 @@ class SqliteStore:
         while any(os.path.lexists(aside + s) for s in ("", "-wal", "-shm")):
             n += 1  # rename() would silently replace an earlier saved copy
             aside = f"{self.path}.corrupt-{stamp}.{n}"
-        # Siblings first: if we die half-way, the corrupt main file is still in place and
-        # is found again at the next start, rather than a stale -wal meeting a new database.
+        # Siblings first: if we die half-way, the corrupt main file is still in place and is
+        # found again at the next start, rather than a stale -wal meeting a new database.
         for suffix in ("-wal", "-shm", ""):
             if os.path.lexists(self.path + suffix):
                 os.rename(self.path + suffix, aside + suffix)
@@ -209,7 +216,7 @@ class SqliteStore:
 
     def _open_error(self, exc: BaseException) -> BaseException:
         if _is_full(exc):
-            return StorageFull(f"store is full: {exc}; messages already accepted are safe")
+            return _full_error(exc)
         if _code(exc) in _CANT_OPEN:
             return ConfigError(f"cannot open store {self.path}: {exc} (does its directory exist "
                                "and is it writable by this user?)")
@@ -238,24 +245,24 @@ class SqliteStore:
         one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            # Only possible before the first table exists (later it would need a full VACUUM).
+            # Only possible before the first table exists (later it would need a full VACUUM);
+            # every store with a meta table was therefore created incremental.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         elif "meta" not in tables:
             raise ConfigError(f"{self.path} is an SQLite database but not an ipcd store (it has "
                               "no meta table); refusing to use it")
         else:
             version = int(one("SELECT value FROM meta WHERE key='schema_version'"))
-            if version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:  # not corrupt, so not moved: a newer ipcd can use it
                 raise StoreCorrupt(
                     f"store {self.path} has schema version {version}, newer than this ipcd "
                     f"supports ({SCHEMA_VERSION}); the file was left untouched: run a newer "
                     "ipcd, or point this one at another store")
         if one("PRAGMA journal_mode=WAL").lower() != "wal":
             raise ConfigError(f"store {self.path}: SQLite refused WAL mode (network filesystem?)")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("PRAGMA cache_size=-16384")  # 16 MiB
-        conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+        for pragma in ("synchronous=NORMAL", "foreign_keys=OFF", "cache_size=-16384",  # 16 MiB
+                       f"journal_size_limit={_WAL_LIMIT}"):
+            conn.execute("PRAGMA " + pragma)
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("""CREATE TABLE IF NOT EXISTS messages (
             id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body TEXT NOT NULL,
@@ -263,16 +270,14 @@ class SqliteStore:
             not_before REAL NOT NULL DEFAULT 0, reason TEXT)""")
         conn.execute("CREATE INDEX IF NOT EXISTS messages_queue_id ON messages (queue, id)")
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
-        self._incremental = one("PRAGMA auto_vacuum") == 2
-        if not self._incremental:
-            self.log.warning("store %s was not created with auto_vacuum=INCREMENTAL; "
-                             "maybe_compact() will not shrink it", self.path)
-        self._sync_full, self._cap = False, 0
+        self._sync_full, self._cap, self._cap_set = False, 0, 0
         if self.max_bytes > 0:
             # Never below what is already there: an over-quota store must still open and drain.
-            self._cap = max(self.max_bytes // one("PRAGMA page_size"), one("PRAGMA page_count") + 16)
+            pages = max(self.max_bytes // one("PRAGMA page_size"), one("PRAGMA page_count") + 16)
+            self._cap = pages
             self._set_cap(conn, self._cap)
 
     def _set_cap(self, conn: sqlite3.Connection, pages: int) -> None:
@@ -299,9 +304,7 @@ class SqliteStore:
         return self._submit("get", (list(ids),)) if ids else []
 
     def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
-        if not ids:
-            return 0
-        n = self._submit("delete", (list(ids),), sync=sync, wait=wait)
+        n = self._submit("delete", (list(ids),), sync=sync, wait=wait) if ids else 0
         return n if wait else 0
 
     def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:
@@ -315,17 +318,13 @@ class SqliteStore:
             return []
         return self._submit("move", (list(ids), queue, reason, reset_attempts), sync=sync)
 
-    def purge(self, queue: str, *, sync: bool = False) -> int:
-        return self._submit("purge", (queue,), sync=sync)
+    def purge(self, queue: str, *, max_id: int | None = None, sync: bool = False) -> int:
+        """Delete the queue's rows (only ids <= max_id when given: a purge must not
+        take messages committed after the caller's snapshot of the queue)."""
+        return self._submit("purge", (queue, max_id), sync=sync)
 
     def size_on_disk(self) -> int:
-        total = 0
-        for name in (self.path, self.path + "-wal"):
-            try:
-                total += os.stat(name).st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return _fsize(self.path) + _fsize(self.path + "-wal")
 
     def maybe_compact(self) -> bool:
         return self._submit("compact", ())
@@ -344,7 +343,7 @@ class SqliteStore:
             return None
         while not op.done.wait(1.0):
             if not thread.is_alive() and not op.done.is_set():
-                raise Unavailable(f"store {self.path}: store thread stopped")
+                raise Unavailable(f"store {self.path}: the store thread stopped")
         if op.error is not None:
             raise op.error
         return op.result
@@ -356,7 +355,7 @@ class SqliteStore:
             while True:
                 batch = [self._q.get()]
                 try:
-                    while len(batch) < _MAX_GROUP:
+                    while len(batch) < _MAX_BATCH:
                         batch.append(self._q.get_nowait())
                 except queuelib.Empty:
                     pass
@@ -369,12 +368,14 @@ class SqliteStore:
                         self._write_group(writes)
                         writes = []
                     if op.kind == "close":
-                        self._shutdown(op)
-                        return
-                    self._read(op)
+                        return self._shutdown(op)
+                    try:
+                        op.finish(getattr(self, "_r_" + op.kind)(*op.args))
+                    except Exception as exc:
+                        self._fail(op, exc)
                 if writes:
                     self._write_group(writes)
-        except BaseException:  # a bug: never leave callers blocked on futures nobody will finish
+        except BaseException:  # a bug (callers notice the dead thread: see _submit)
             self.log.critical("store thread crashed", exc_info=True)
         finally:
             with self._lock:
@@ -391,20 +392,17 @@ class SqliteStore:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:  # the WAL stays and is replayed at the next open
             self.log.warning("store %s: final checkpoint failed: %s", self.path, exc)
-        try:
+        finally:
             conn.close()
-        except sqlite3.Error as exc:
-            self.log.warning("store %s: close failed: %s", self.path, exc)
-        op.finish()
+            op.finish()
 
     def _write_group(self, ops: list[_Op]) -> None:
         try:
             results = self._transaction(ops)
         except Exception as exc:
             if isinstance(exc, _BeginFailed) or len(ops) == 1:
-                # Retrying each op alone would only repeat the same failure N times.
-                for op in ops:
-                    self._fail(op, exc.__cause__ if isinstance(exc, _BeginFailed) else exc)
+                for op in ops:  # retrying each op alone would repeat the same failure N times
+                    self._fail(op, exc)
                 return
             self.log.debug("group of %d writes failed (%s); retrying one by one", len(ops), exc)
             for op in ops:
@@ -418,22 +416,22 @@ class SqliteStore:
     def _transaction(self, ops: list[_Op]) -> list[Any]:
         conn = self._conn
         full = any(op.sync for op in ops)
-        cur = conn.cursor()
         try:
             if full != self._sync_full:  # cannot change inside a transaction; only when needed
-                cur.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+                conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
                 self._sync_full = full
             if self._cap:
                 # Only appends add messages; deletes, updates and moves may need a few pages
                 # to rebalance and must keep working at the quota so that space can be freed.
                 grows = any(op.kind == "append" for op in ops)
                 self._set_cap(conn, self._cap if grows else self._cap + _CAP_HEADROOM)
-            cur.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _BeginFailed(str(exc)) from exc
+            raise _BeginFailed() from exc
+        cur = conn.cursor()
         try:
             results = [getattr(self, "_w_" + op.kind)(cur, *op.args) for op in ops]
-            cur.execute("COMMIT")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
                 try:
@@ -453,16 +451,14 @@ class SqliteStore:
                     self.log.exception("on_commit callback failed")
             op.finish(result)
 
-    def _read(self, op: _Op) -> None:
-        try:
-            op.finish(getattr(self, "_r_" + op.kind)(*op.args))
-        except Exception as exc:
-            self._fail(op, exc)
-
     def _fail(self, op: _Op, exc: BaseException) -> None:
+        if isinstance(exc, _BeginFailed):
+            exc = exc.__cause__
         if _is_full(exc):
-            err: BaseException = StorageFull(f"store is full: {exc}; messages already accepted are safe")
-            self.log.warning("store %s: %s failed: %s", self.path, op.kind, exc)
+            err: BaseException = _full_error(exc)
+            if time.monotonic() - self._full_logged > 10:  # a full disk fails every send: no flood
+                self._full_logged = time.monotonic()
+                self.log.warning("store %s: %s failed: %s", self.path, op.kind, exc)
         elif _is_corrupt(exc):
             err = StoreCorrupt(f"store {self.path} is corrupt ({exc}); restart ipcd to check it "
                                "and move it aside")
@@ -474,7 +470,7 @@ class SqliteStore:
             err.__cause__ = exc
         op.finish(error=err)
 
-    # Writers run inside the group transaction; each returns its op's result.
+    # Writers run inside the group transaction and return their op's result.
 
     def _w_append(self, cur: sqlite3.Cursor, items: list[NewItem]) -> list[Row]:
         rows = []
@@ -496,27 +492,27 @@ class SqliteStore:
                 reset: bool) -> list[Row]:
         cur.executemany("UPDATE messages SET queue = ?, reason = ?, attempts = CASE WHEN ? THEN 0 "
                         "ELSE attempts END WHERE id = ?", [(queue, reason, reset, i) for i in ids])
-        return self._select_ids(cur, ids)
+        return self._r_get(ids, cur)
 
-    def _w_purge(self, cur: sqlite3.Cursor, queue: str) -> int:
-        return cur.execute("DELETE FROM messages WHERE queue = ?", (queue,)).rowcount
+    def _w_purge(self, cur: sqlite3.Cursor, queue: str, max_id: int | None) -> int:
+        if max_id is None:
+            return cur.execute("DELETE FROM messages WHERE queue = ?", (queue,)).rowcount
+        return cur.execute("DELETE FROM messages WHERE queue = ? AND id <= ?", (queue, max_id)).rowcount
 
-    def _select_ids(self, cur: sqlite3.Cursor, ids: list[int]) -> list[Row]:
-        ids, out = sorted(set(ids)), []
+    # Readers run between transactions.
+
+    def _r_get(self, ids: list[int], cur: sqlite3.Cursor | None = None) -> list[Row]:
+        cur, ids, out = cur or self._conn.cursor(), sorted(set(ids)), []
         for k in range(0, len(ids), _CHUNK):
             part = ids[k:k + _CHUNK]
-            marks = ",".join("?" * len(part))
-            out += map(Row._make, cur.execute(
-                f"SELECT {_COLS} FROM messages WHERE id IN ({marks}) ORDER BY id", part))
+            out += map(Row._make, cur.execute(f"SELECT {_COLS} FROM messages WHERE id IN "
+                                              f"({','.join('?' * len(part))}) ORDER BY id", part))
         return out
 
     def _r_fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
         return list(map(Row._make, self._conn.execute(
             f"SELECT {_COLS} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
             (queue, after_id, limit))))
-
-    def _r_get(self, ids: list[int]) -> list[Row]:
-        return self._select_ids(self._conn.cursor(), ids)
 
     def _r_summary(self) -> dict[str, tuple[int, int, int]]:
         return {q: (n, size or 0, top) for q, n, size, top in self._conn.execute(
@@ -527,15 +523,14 @@ class SqliteStore:
         conn, did = self._conn, False
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if self._incremental and pages > self.compact_min_pages and free * 2 > pages:
+        if pages > self.compact_min_pages and free * 2 > pages:
             # Each step of this pragma frees one page, and execute() stops after one step for
             # a statement without columns; executescript() steps it to the end.
             conn.executescript("PRAGMA incremental_vacuum")
             did = True
             self.log.info("store %s: compacted %d free pages of %d", self.path, free, pages)
-        wal = self.path + "-wal"
-        if did or (os.path.exists(wal) and os.path.getsize(wal) > _WAL_LIMIT // 4):
-            # In WAL mode the main file only shrinks when the checkpoint copies the vacuum back.
+        if did or _fsize(self.path + "-wal") > _WAL_TRUNCATE_AT:
+            # In WAL mode the main file only shrinks when a checkpoint copies the vacuum back.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return did
 
@@ -549,8 +544,7 @@ class MemoryStore:
         self.commits = 0
         self._rows: dict[int, Row] = {}
         self._by_queue: dict[str, dict[int, Row]] = {}
-        self._bytes = 0
-        self._last_id = 0
+        self._bytes = self._last_id = 0
         self._lock = threading.Lock()  # held across on_commit so callbacks see commit order
         self._open = False
 
@@ -560,23 +554,23 @@ class MemoryStore:
     def close(self) -> None:
         self._open = False
 
-    def _check(self) -> None:
+    def _locked(self) -> threading.Lock:
         if not self._open:
             raise Unavailable("store is closed")
+        return self._lock
 
-    def _put(self, row: Row) -> None:
-        self._rows[row.id] = row
-        self._by_queue.setdefault(row.queue, {})[row.id] = row
+    def _put(self, row: Row) -> Row:
+        self._rows[row.id] = self._by_queue.setdefault(row.queue, {})[row.id] = row
+        return row
 
     def _pop(self, i: int) -> Row | None:
         row = self._rows.pop(i, None)
         if row is not None:
-            del self._by_queue[row.queue][row.id]
-            self._bytes -= len(row.body.encode())
+            del self._by_queue[row.queue][i]
         return row
 
     def load_summary(self) -> dict[str, tuple[int, int, int]]:
-        with self._lock:
+        with self._locked():
             return {q: (len(d), sum(len(r.body.encode()) for r in d.values()), max(d))
                     for q, d in self._by_queue.items() if d}
 
@@ -584,17 +578,15 @@ class MemoryStore:
                on_commit: OnCommit | None = None) -> list[Row]:
         if not items:
             return []
-        with self._lock:
-            self._check()
+        with self._locked():
             size = sum(len(item[1].encode()) for item in items)
             if self.max_bytes and self._bytes + size > self.max_bytes:
-                raise StorageFull(f"store is full: {self._bytes + size} bytes would exceed "
-                                  f"max_bytes={self.max_bytes}; messages already accepted are safe")
+                raise _full_error(f"{self._bytes + size} bytes would exceed "
+                                  f"max_bytes={self.max_bytes}")
             rows = []
             for row in _new_rows(items):
                 self._last_id += 1
-                rows.append(row._replace(id=self._last_id))
-                self._put(rows[-1])
+                rows.append(self._put(row._replace(id=self._last_id)))
             self._bytes += size
             self.commits += 1
             if on_commit is not None:
@@ -605,49 +597,41 @@ class MemoryStore:
         return rows
 
     def fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
-        with self._lock:
-            self._check()
+        with self._locked():
             d = self._by_queue.get(queue, {})
             return [d[i] for i in heapq.nsmallest(limit, (i for i in d if i > after_id))]
 
     def get(self, ids: list[int]) -> list[Row]:
-        with self._lock:
-            self._check()
+        with self._locked():
             return [self._rows[i] for i in sorted(set(ids)) if i in self._rows]
 
     def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
-        with self._lock:
-            self._check()
-            n = sum(self._pop(i) is not None for i in set(ids))
+        with self._locked():
+            n = self._delete(set(ids))
         return n if wait else 0
 
+    def _delete(self, ids: Iterable[int]) -> int:
+        gone = [r for r in map(self._pop, ids) if r is not None]
+        self._bytes -= sum(len(r.body.encode()) for r in gone)
+        return len(gone)
+
     def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:
-        with self._lock:
-            self._check()
+        with self._locked():
             for i, attempts, not_before in changes:
                 if i in self._rows:
                     self._put(self._rows[i]._replace(attempts=attempts, not_before=not_before))
 
     def move(self, ids: list[int], queue: str, *, reason: str | None, reset_attempts: bool,
              sync: bool = False) -> list[Row]:
-        with self._lock:
-            self._check()
-            moved = []
-            for i in sorted(set(ids)):
-                row = self._pop(i)
-                if row is not None:
-                    row = row._replace(queue=queue, reason=reason,
-                                       attempts=0 if reset_attempts else row.attempts)
-                    self._put(row)
-                    self._bytes += len(row.body.encode())
-                    moved.append(row)
-            return moved
+        with self._locked():
+            return [self._put(r._replace(queue=queue, reason=reason,
+                                         attempts=0 if reset_attempts else r.attempts))
+                    for r in map(self._pop, sorted(set(ids))) if r is not None]
 
-    def purge(self, queue: str, *, sync: bool = False) -> int:
-        with self._lock:
-            self._check()
+    def purge(self, queue: str, *, max_id: int | None = None, sync: bool = False) -> int:
+        with self._locked():
             ids = list(self._by_queue.get(queue, ()))
-            return sum(self._pop(i) is not None for i in ids)
+            return self._delete([i for i in ids if max_id is None or i <= max_id])
 
     def size_on_disk(self) -> int:
         return 0
