@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from typing import List, Optional
 
@@ -252,13 +251,13 @@ def dead_replay(queue: str, ids: List[int] = typer.Option([], "--id", help="Mess
 def config_show(config: Optional[str] = ConfigOpt, address: Optional[str] = AddressOpt,
                 as_json: bool = typer.Option(False, "--json")):
     """Print the effective configuration and where each value came from."""
-    from . import config as configmod
+    from . import config_show
 
     cfg = load_config(config, address)
     if as_json:
-        typer.echo(json.dumps(configmod.to_dict(cfg), indent=2))
+        typer.echo(json.dumps(config_show.to_dict(cfg), indent=2))
     else:
-        typer.echo(configmod.render(cfg), nl=False)
+        typer.echo(config_show.render(cfg), nl=False)
 
 
 @config_app.command("check")
@@ -275,6 +274,10 @@ def config_check(file: Optional[str] = typer.Argument(None, help="File to check 
         file = cfg.path
     configmod.check_file(file)
     typer.echo(f"OK: {file}")
+
+
+from . import cli_ops  # noqa: E402,F401  (registers tail/stats/ls/logs)
+from . import cli_worker  # noqa: E402,F401  (registers worker)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import time
 from . import errors
 from .config import validate_queue_name
 from .queues import DEAD_SUFFIX, Queue
+from .watch import History, Rates
 
 log = logging.getLogger("ipcd.hub")
 
@@ -47,6 +48,12 @@ class Hub:
         self._stopping = False
         self._watchers = []  # callables(queue_name, rows): ipcd tail and sinks
         self.started = wall()
+        # Bytes of bodies one get_many reply may carry (len() of str: <= UTF-8 bytes).
+        self.reply_budget = config.max_request_bytes // 8
+        # Recent sends for `ipcd tail` (bounded, memory only) and per-second rates for `ipcd stats`.
+        self.history = History(lambda name: self._queues[name].settings.history, clock=clock)
+        self.rates = Rates(clock)
+        self.subscribe(self.history.record)
 
     # -- registry ------------------------------------------------------------
 
@@ -86,6 +93,7 @@ class Hub:
         """Apply new queue settings in place; return what could not change."""
         needs_restart = []
         self.config = config
+        self.reply_budget = config.max_request_bytes // 8
         for name, q in list(self._queues.items()):
             new = config.queue(name)
             if new.durability != q.settings.durability and "memory" in (new.durability, q.settings.durability):
@@ -105,10 +113,17 @@ class Hub:
     def stop(self):
         """Wake every blocked sender and receiver with 'daemon is stopping'."""
         self._stopping = True
+        self.history.stop()
         for q in list(self._queues.values()):
             with q.lock:
                 q.not_empty.notify_all()
                 q.not_full.notify_all()
+                # Leased messages become ready at the next start; keep the attempt their
+                # current delivery used, so max_attempts still counts it (queued writes
+                # are flushed when the store closes).
+                charged = [(lz.row.id, lz.row.attempts, 0.0) for lz in q.leases.values()]
+            if charged:
+                q.store.update(charged, wait=False)
 
     def tick(self) -> float:
         """Due work for every queue; returns seconds until the next due item."""
@@ -122,6 +137,7 @@ class Hub:
                 due = None
             if due is not None:
                 nxt = min(nxt, due)
+        self.rates.sample(self._queues)
         return max(0.0, nxt - self.clock())
 
     # -- watchers (tail, sinks) ------------------------------------------------
@@ -183,6 +199,10 @@ class Hub:
         else:
             if not isinstance(ids, list) or not ids or not all_ints(ids):
                 raise errors.DataError("replay needs message ids (or all=True)")
+            # Fix (test_security.py): ids outside SQLite's 64-bit range reached the store
+            # (OverflowError, a logged traceback per request); and bound the request size.
+            if len(ids) > MAX_BATCH or any(not 0 < i < 1 << 63 for i in ids):  # `all` is a parameter
+                raise errors.DataError(f"replay takes 1 to {MAX_BATCH} message ids, each from 1 to 2**63-1")
             wanted = [r.id for r in dq.store.get(ids) if r.queue == dq.name]
             missing = sorted(set(ids) - set(wanted))
             if missing:
@@ -198,7 +218,10 @@ class Hub:
     def put_many(self, queue, bodies, timeout=None):
         if isinstance(bodies, list) and len(bodies) > MAX_BATCH:
             raise errors.DataError(f"at most {MAX_BATCH} messages per request")
-        return self.queue(queue).put_many(bodies, _timeout(timeout))
+        ids = self.queue(queue).put_many(bodies, _timeout(timeout))
+        if log.isEnabledFor(logging.DEBUG):  # per-message lines: only when asked for (cheap otherwise)
+            log.debug("queue %s: sent %d message(s), id %s", queue, len(ids), _span(ids))
+        return ids
 
     def get_many(self, queue, max_n=1, timeout=None, lease=None, ack=None):
         q = self.queue(queue)
@@ -207,15 +230,24 @@ class Hub:
         lease = _timeout(lease, "lease")
         if lease is not None and not 0 < lease <= 86400:
             raise errors.DataError("lease must be between 0 and 86400 seconds")
-        return [tuple(d) for d in q.get_many(_count(max_n, "max_n"), _timeout(timeout), lease)]
+        got = [tuple(d) for d in q.get_many(_count(max_n, "max_n"), _timeout(timeout), lease)]
+        if got and log.isEnabledFor(logging.DEBUG):
+            log.debug("queue %s: delivered %d message(s), id %s", q.name, len(got), _span([d[0] for d in got]))
+        return got
 
     def ack(self, queue, items):
-        return self.queue(queue).ack(items)
+        n = self.queue(queue).ack(items)
+        if n and log.isEnabledFor(logging.DEBUG):
+            log.debug("queue %s: acked %d message(s), id %s", queue, n, _span([i[0] for i in items]))
+        return n
 
     def nack(self, queue, items, delay=0.0, reason=None):
         if reason is not None and not isinstance(reason, str):
             raise errors.DataError("reason must be a string")
-        return self.queue(queue).nack(items, delay, reason[:2000] if reason else None)
+        n = self.queue(queue).nack(items, delay, reason[:2000] if reason else None)
+        if n and log.isEnabledFor(logging.DEBUG):
+            log.debug("queue %s: nacked %d message(s), id %s", queue, n, _span([i[0] for i in items]))
+        return n
 
     def touch(self, queue, items, seconds=None):
         return self.queue(queue).touch(items, _timeout(seconds, "seconds"))
@@ -235,16 +267,32 @@ class Hub:
         return n
 
     def stats(self, queue=None):
+        qs = [self.queue(queue)] if queue is not None else [self._queues[n] for n in self.names()]
+        out = []
+        for q in qs:
+            s = q.stats()
+            dq = self._queues.get(q.name + DEAD_SUFFIX)
+            s["dead_messages"] = dq.count if dq is not None else 0  # depth of NAME.dead
+            s["rates"] = self.rates.rates(q.name, q.totals)
+            s["history"] = self.history.size(q.name)[0]
+            out.append(s)
+        return out
+
+    def tail(self, queue=None, n=10, after=None, timeout=0.0):
+        """Recently sent messages, without consuming them (``ipcd tail``; see watch.History.query)."""
         if queue is not None:
-            return [self.queue(queue).stats()]
-        return [self._queues[n].stats() for n in self.names()]
+            validate_queue_name(queue)
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise errors.DataError("after must be a sequence number >= 0")
+        self.check_running()
+        return self.history.query(queue, _count(n, "n"), after, _timeout(timeout))
 
     def ops(self) -> dict:
         return {
             "put_many": self.put_many, "get_many": self.get_many, "ack": self.ack,
             "nack": self.nack, "touch": self.touch, "release": self.release, "peek": self.peek,
             "purge": self.purge, "stats": self.stats, "dead_list": self.dead_list,
-            "dead_replay": self.dead_replay,
+            "dead_replay": self.dead_replay, "tail": self.tail,
         }
 
     # -- the stdlib-only path ------------------------------------------------
@@ -252,6 +300,11 @@ class Hub:
     def stdlib_queue(self, name):
         """Factory for the ``queue`` typeid served to plain BaseManager clients."""
         return StdlibQueue(self, self.queue(name).name)
+
+
+def _span(ids) -> str:
+    """'7' or '7..12' (first..last) for a DEBUG line: never the whole list."""
+    return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}" if ids else "-"
 
 
 def all_ints(values) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import secrets
 import threading
 import time
 from typing import NamedTuple
@@ -91,7 +92,6 @@ class Queue:
         self.leases: dict[int, Lease] = {}
         self.lease_heap: list[tuple[float, int, int]] = []  # (expires, id, token)
         self.moving: set[int] = set()  # ids being re-homed: refills must skip them
-        self.next_token = 1
         self.waiting = 0
         self.totals = dict(sent=0, received=0, acked=0, nacked=0, redelivered=0, dead=0)
 
@@ -224,14 +224,25 @@ class Queue:
     def _deliver_locked(self, max_n, lease_s) -> list[Delivery]:
         out = []
         expires = self.clock() + lease_s
+        # The reply must fit the client's frame limit: stop adding messages once half
+        # of max_request_bytes is used (a single message always fits; see config checks).
+        budget, used = self.hub.reply_budget, 0
         while self.ready and len(out) < max_n:
-            rid = heapq.heappop(self.ready_heap)
-            row = self.ready.pop(rid, None)
+            rid = self.ready_heap[0]
+            row = self.ready.get(rid)
             if row is None:
+                heapq.heappop(self.ready_heap)
                 continue  # stale heap entry (purged or moved)
+            used += len(row.body) + 64
+            if out and used > budget:
+                break
+            heapq.heappop(self.ready_heap)
+            del self.ready[rid]
             row = row._replace(attempts=row.attempts + 1)
-            token = self.next_token
-            self.next_token += 1
+            # Fix (tests/integration/test_security.py): the token was a per-queue counter
+            # from 1, so any client of the queue could guess another consumer's lease and
+            # ack/nack it.  Random and non-zero (peek reports lease 0).
+            token = secrets.randbits(63) | 1
             self.leases[rid] = Lease(row, token, expires)
             heapq.heappush(self.lease_heap, (expires, rid, token))
             if row.attempts > 1:
@@ -246,17 +257,24 @@ class Queue:
         """Validate (id, token) pairs and detach their leases; all or nothing."""
         if not isinstance(items, list):
             raise errors.DataError(f"{what} needs a list of (id, lease) pairs")
-        leases = []
+        leases, seen = [], set()
         for item in items:
             try:
                 rid, token = item
             except (TypeError, ValueError):
                 raise errors.DataError(f"{what} needs (id, lease) pairs, got {item!r:.60}") from None
+            if type(rid) is not int:  # an unhashable id made leases.get() an internal error
+                raise errors.DataError(f"{what}: a message id must be an integer, got {rid!r:.60}")
             lease = self.leases.get(rid)
             if lease is None or lease.token != token:
                 raise errors.LeaseExpired(
                     f"message {rid} of queue '{self.name}' is not leased to you: its lease expired "
                     "(it will be or was redelivered), it was settled already, or it was purged")
+            if rid in seen:
+                # Fix (test_security.py): a pair listed twice was detached twice (KeyError after
+                # the first del), leaving the message neither leased nor ready until a restart.
+                continue
+            seen.add(rid)
             leases.append(lease)
         for lease in leases:
             del self.leases[lease.row.id]
@@ -323,7 +341,24 @@ class Queue:
                 self.not_empty.notify(len(back))
             self.store.update([(r.id, r.attempts, not_before) for r in back], wait=False)
         if dead:
-            self.hub.dead_letter(self, dead, f"{reason} after {limit} attempt(s)")
+            # Fix (issue 3 tests): the attempts of the last delivery lived only in memory, so
+            # the dead letter was stored (and listed) with one attempt too few; queued before
+            # the move (store FIFO), the update lands first.  And the rows must leave this
+            # queue's count/nbytes: they used to stay, so stats showed phantom ready messages
+            # and max_messages/max_bytes filled up with messages that had moved to .dead.
+            self.store.update([(r.id, r.attempts, 0.0) for r in dead], wait=False)
+            with self.lock:
+                self._forget_locked(dead)
+            try:
+                self.hub.dead_letter(self, dead, f"{reason} after {limit} attempt(s)")
+            except BaseException:
+                with self.lock:  # still stored under this queue: keep serving them
+                    self.count += len(dead)
+                    self.nbytes += sum(len(r.body.encode("utf-8")) for r in dead)
+                    for row in dead:
+                        self._make_ready(row)
+                    self.not_empty.notify(len(dead))
+                raise
 
     def tick(self, now: float, wall_now: float) -> float | None:
         """Expire leases and release due delayed messages; return the next due time."""

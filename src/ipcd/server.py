@@ -16,7 +16,12 @@ What is different from ``multiprocessing.managers.Server`` (notes §4):
 * the handshake has a deadline; unauthenticated connections are capped, the
   oldest evicted first, so a flood of idle peers cannot lock real clients out;
 * a failed handshake gets no traceback, and is logged (rate-limited) with the
-  peer's uid/pid.
+  peer's uid/pid;
+* a request that is not plain data (a ``__reduce__`` payload, junk) is refused
+  with a short error and one rate-limited log line, and the connection stays
+  usable; a frame over ``max_request_bytes`` closes the connection unread;
+* stdlib object idents are random (not ``id(obj)``), so one client cannot
+  guess another's ident to ``decref`` or call it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import collections
 import logging
 import os
 import queue as stdqueue
+import secrets
 import socket
 import threading
 import time
@@ -37,6 +43,15 @@ log = logging.getLogger("ipcd.server")
 # Methods a peer may call before it has an object ident.
 PUBLIC = frozenset({"create", "accept_connection", "get_methods", "dummy", "incref", "decref", "session"})
 MAX_SHARED_OBJECTS = 10_000
+
+
+class Refused(Exception):
+    """A request we will not serve.
+
+    Deliberately not PermissionError: that is an OSError, which the request
+    loop treats as "the connection broke" and answers by hanging up, so the
+    peer would see EOF instead of the refusal.
+    """
 
 
 class Limits:
@@ -62,6 +77,9 @@ class RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, msg, *args):
+        self.log(logging.WARNING, msg, *args)
+
+    def log(self, level, msg, *args, exc_info=None):
         with self._lock:
             now = self._clock()
             if now - self._window_start >= self._period:
@@ -72,7 +90,7 @@ class RateLimitedLog:
             if self._count > self._burst:
                 self._suppressed += 1
                 return
-        self._log.warning(msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
 
 
 class HardenedServer(managers.Server):
@@ -98,7 +116,8 @@ class HardenedServer(managers.Server):
         self.ops = ops
         self.limits = limits
         self.stop_event = threading.Event()
-        self.auth_log = RateLimitedLog(log)
+        self.auth_log = RateLimitedLog(log)  # failed handshakes, allow_uids refusals
+        self.abuse_log = RateLimitedLog(log)  # refused requests, oversized frames, internal errors
         self._conn_lock = threading.Lock()
         self._pending = collections.OrderedDict()  # unauthenticated: conn -> accept time
         self._active = set()  # authenticated connections
@@ -136,42 +155,43 @@ class HardenedServer(managers.Server):
             # client finishes its handshake in well under a millisecond).
             if len(self._pending) >= self.limits.max_connections:
                 evict, _ = self._pending.popitem(last=False)
+                _shutdown(evict)  # under the lock: see _shutdown
             self._pending[conn] = time.monotonic()
-        if evict is not None:
-            _shutdown(evict)
         t = threading.Thread(target=self.handle_request, args=(conn,), daemon=True)
         t.start()
 
     def handle_request(self, conn):
         try:
             self._handle_request(conn)
+        except wire.FrameTooLarge as e:
+            self.abuse_log.warning("closed the connection from %s: %s (max_request_bytes)",
+                                   getattr(conn, "peer", "unknown peer"), e)
         except (EOFError, OSError, SystemExit):
             pass
-        except Exception:  # a bug: keep serving others, but say so
-            log.exception("unexpected error serving a connection")
+        except Exception:  # a bug: keep serving others, but say so (rate-limited: peers can trigger it)
+            self.abuse_log.log(logging.ERROR, "unexpected error serving a connection", exc_info=True)
         finally:
             with self._conn_lock:
                 self._pending.pop(conn, None)
                 self._active.discard(conn)
-            conn.close()
+                conn.close()  # under the lock: see _shutdown
 
     def _handle_request(self, c):
         c.deadline = time.monotonic() + self.limits.handshake_timeout
         cred = wire.peer_credentials(c)
+        c.peer = wire.peer_name(c, cred)  # now: after an oversized frame the socket is gone
         try:
             if not self._peer_allowed(cred):
-                self.auth_log.warning("refused connection from %s: not in allow_uids/allow_gids",
-                                      wire.peer_name(c))
+                self.auth_log.warning("refused connection from %s: not in allow_uids/allow_gids", c.peer)
                 return
             wire.server_handshake(c, self.authkey)
         except errors.AuthError:
             self.auth_failures += 1
-            self.auth_log.warning("authentication failed for %s (wrong authkey)", wire.peer_name(c))
+            self.auth_log.warning("authentication failed for %s (wrong authkey)", c.peer)
             return
         except (TimeoutError, EOFError, OSError):
             self.auth_failures += 1
-            self.auth_log.warning("handshake with %s did not complete (timeout, hang-up or junk)",
-                                  wire.peer_name(c))
+            self.auth_log.warning("handshake with %s did not complete (timeout, hang-up or junk)", c.peer)
             return
         with self._conn_lock:
             self._pending.pop(c, None)
@@ -187,15 +207,23 @@ class HardenedServer(managers.Server):
                 c.send_obj(("#TRACEBACK", "ipcd: too many connections, retry later\n"))
             except Exception:
                 pass
-            log.warning("refused a connection: max_connections=%d reached", self.limits.max_connections)
+            # rate-limited: anyone holding the key can open connections in a loop
+            self.abuse_log.warning("refused a connection from %s: max_connections=%d reached",
+                                   c.peer, self.limits.max_connections)
             return
         # The first request after the handshake must arrive promptly too.
-        request = c.recv_obj(self.limits.max_request_bytes)
+        try:
+            request = c.recv_obj(self.limits.max_request_bytes)
+        except wire.BadRequest as e:
+            self._refuse_logged(c, e)
+            c.send_obj(("#TRACEBACK", f"ipcd: request refused: {e}\n"))
+            return
         c.deadline = None
         try:
             ignore, funcname, args, kwds = request
-            if funcname not in PUBLIC or not isinstance(args, tuple) or not isinstance(kwds, dict):
-                raise PermissionError(f"{funcname!r} is not allowed")
+            if (not isinstance(funcname, str) or funcname not in PUBLIC
+                    or not isinstance(args, tuple) or not isinstance(kwds, dict)):
+                raise Refused(f"{funcname!r:.60} is not allowed")
             func = getattr(self, funcname)
         except Exception as e:
             c.send_obj(("#TRACEBACK", f"ipcd: request refused: {e}\n"))
@@ -210,6 +238,11 @@ class HardenedServer(managers.Server):
             msg = ("#RETURN", result)
         c.send_obj(msg)
 
+    def _refuse_logged(self, c, e):
+        # Someone holding the authkey sent something that is not plain data:
+        # worth a line (rate-limited), never a traceback.
+        self.abuse_log.warning("refused a request from %s: %s", getattr(c, "peer", "unknown peer"), e)
+
     def _peer_allowed(self, cred) -> bool:
         lim = self.limits
         if not (lim.allow_uids or lim.allow_gids):
@@ -217,7 +250,8 @@ class HardenedServer(managers.Server):
         if cred is None:  # TCP: no credentials to check; the authkey is the guard
             return True
         _pid, uid, gid = cred
-        return uid == 0 or uid in lim.allow_uids or gid in lim.allow_gids
+        # root, and the daemon's own user (its watchdog self-check connects), always pass.
+        return uid in (0, os.geteuid()) or uid in lim.allow_uids or gid in lim.allow_gids
 
     # -- ipcd sessions -----------------------------------------------------
 
@@ -226,16 +260,21 @@ class HardenedServer(managers.Server):
         c.send_obj(("#RETURN", None))
         limit = self.limits.max_request_bytes
         while not self.stop_event.is_set():
-            request = c.recv_obj(limit)
+            try:
+                request = c.recv_obj(limit)
+            except wire.BadRequest as e:  # the frame was consumed: answer and go on
+                self._refuse_logged(c, e)
+                c.send_obj(("err", e.kind, str(e)))
+                continue
             with self._conn_lock:
                 self._in_flight += 1
             try:
                 reply = self._run_op(request)
+                c.send_obj(reply)  # in flight until the reply is out: drain() must not cut it off
             finally:
                 with self._conn_lock:
                     self._in_flight -= 1
                     self._idle.notify_all()
-            c.send_obj(reply)
         raise EOFError  # ends the thread; handle_request closes the connection
 
     def _run_op(self, request):
@@ -254,20 +293,63 @@ class HardenedServer(managers.Server):
                 raise
         except errors.IpcdError as e:
             return ("err", e.kind, str(e))
-        except (ValueError, TypeError) as e:
-            return ("err", "data", f"malformed request: {e}")
+        except (ValueError, TypeError, OverflowError) as e:
+            # OverflowError: a client's out-of-range number reaching C code (e.g. an
+            # id of 10**30 bound into SQLite) is bad data, not a daemon bug.
+            return ("err", "data", f"malformed request: {str(e)[:200]}")
+        except RecursionError:  # e.g. repr() of a list nested 100,000 deep in an error message
+            return ("err", "data", "malformed request: nested too deeply")
         except Exception as e:
-            log.exception("internal error in %r", request[0] if isinstance(request, tuple) and request else "?")
-            return ("err", "internal", f"internal error: {type(e).__name__}: {e}")
+            # A bug, but one a peer can trigger at will: rate-limit the traceback.
+            op = request[0] if isinstance(request, tuple) and request and isinstance(request[0], str) else "?"
+            self.abuse_log.log(logging.ERROR, "internal error in %.60r", op, exc_info=True)
+            return ("err", "internal", f"internal error: {type(e).__name__}: {str(e)[:200]}")
 
     # -- stdlib manager protocol -----------------------------------------
 
     def create(self, c, typeid, /, *args, **kwds):
-        if typeid not in self.registry:
-            raise PermissionError(f"typeid {typeid!r} is not served (only 'queue')")
+        """The stdlib's create, with an allow-listed typeid and a random ident.
+
+        The stdlib names objects ``'%x' % id(obj)``: heap addresses, close
+        together and easy to guess, and any client may incref/decref/call any
+        ident.  A random 128-bit ident is known only to the client it was
+        returned to.
+        """
+        if not isinstance(typeid, str) or typeid not in self.registry:
+            raise Refused(f"typeid {typeid!r:.60} is not served (only 'queue')")
         if len(self.id_to_obj) > MAX_SHARED_OBJECTS:
             raise RuntimeError("too many shared objects; release some proxies")
-        return super().create(c, typeid, *args, **kwds)
+        factory, exposed, method_to_typeid, _proxytype = self.registry[typeid]
+        obj = factory(*args, **kwds)  # validates its arguments (hub.stdlib_queue)
+        exposed = tuple(exposed)
+        ident = secrets.token_hex(16)
+        with self.mutex:
+            self.id_to_obj[ident] = (obj, set(exposed), method_to_typeid)
+            self.id_to_refcount[ident] = 1  # the stdlib's create() increfs once too
+        return ident, exposed
+
+    def incref(self, c, ident):
+        with self.mutex:
+            if not isinstance(ident, str) or ident not in self.id_to_refcount:
+                raise KeyError("unknown object")
+            self.id_to_refcount[ident] += 1
+
+    def decref(self, c, ident):
+        # The stdlib's raises an AssertionError quoting repr(obj) (a heap address).
+        obj = None
+        with self.mutex:
+            if not isinstance(ident, str) or ident not in self.id_to_refcount:
+                raise KeyError("unknown object")
+            self.id_to_refcount[ident] -= 1
+            if self.id_to_refcount[ident] <= 0:
+                del self.id_to_refcount[ident]
+                obj = self.id_to_obj.pop(ident, None)
+        del obj  # dropped outside the mutex, as the stdlib does
+
+    def accept_connection(self, c, name):
+        # The stdlib names the thread after the peer-supplied *name*; not needed.
+        c.send_obj(("#RETURN", None))
+        self.serve_client(c)
 
     def get_methods(self, c, token):
         try:
@@ -279,7 +361,12 @@ class HardenedServer(managers.Server):
         """The per-proxy request loop, as the stdlib's but with our checks."""
         limit = self.limits.max_request_bytes
         while not self.stop_event.is_set():
-            request = conn.recv_obj(limit)
+            try:
+                request = conn.recv_obj(limit)
+            except wire.BadRequest as e:  # the frame was consumed: answer and go on
+                self._refuse_logged(conn, e)
+                conn.send_obj(("#TRACEBACK", f"ipcd: request refused: {e}\n"))
+                continue
             try:
                 ident, methodname, args, kwds = request
                 if not isinstance(args, tuple) or not isinstance(kwds, dict):
@@ -288,6 +375,8 @@ class HardenedServer(managers.Server):
                     obj, exposed, _gettypeid = self.id_to_obj[ident]
                 except (KeyError, TypeError):
                     raise KeyError("unknown object") from None
+                if not isinstance(methodname, str):
+                    raise TypeError("malformed request")
                 if methodname in exposed:
                     try:
                         msg = ("#RETURN", getattr(obj, methodname)(*args, **kwds))
@@ -323,9 +412,8 @@ class HardenedServer(managers.Server):
                     break
                 self._idle.wait(left)
             drained = self._in_flight == 0
-            conns = list(self._active) + list(self._pending)
-        for conn in conns:
-            _shutdown(conn)
+            for conn in list(self._active) + list(self._pending):
+                _shutdown(conn)  # under the lock: see _shutdown
         return drained
 
     def counts(self) -> dict:
@@ -335,7 +423,14 @@ class HardenedServer(managers.Server):
 
 
 def _shutdown(conn):
-    """Wake a thread blocked reading *conn* (close() alone would not)."""
+    """Wake a thread blocked reading *conn* (close() alone would not).
+
+    Call with the server's _conn_lock held: handle_request closes connections
+    under it, so the fd cannot be closed and reused by an unrelated socket
+    (a new client, the watchdog probe) between our check and the shutdown.
+    """
+    if conn.closed:
+        return
     try:
         s = socket.socket(fileno=os.dup(conn.fileno()))
         try:

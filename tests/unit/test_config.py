@@ -13,7 +13,7 @@ import tomllib
 import pytest
 from hypothesis import given, strategies as st
 
-from ipcd import config, paths
+from ipcd import config, config_show, paths
 from ipcd.config import Config, QueueSettings, load, parse_size, validate_queue_name
 from ipcd.errors import ConfigError, DataError
 
@@ -509,7 +509,7 @@ def test_render_is_valid_toml_and_loads_back_to_the_same_config(write, tmp_path)
     odd_sink = json.dumps(str(odd_dir / "s.jsonl"))  # a JSON string is a valid TOML string
     path, c = load_text(write, QUEUES + f'\n[queues."a:b"]\nsink = {odd_sink}\n',
                         env={"HOME": str(tmp_path)})
-    text = config.render(c)
+    text = config_show.render(c)
     parsed = tomllib.loads(text)
     assert parsed["defaults"]["durability"] == "fsync"
     assert parsed["queues"]["jobs"]["max_bytes"] == "1KiB"
@@ -522,7 +522,7 @@ def test_render_is_valid_toml_and_loads_back_to_the_same_config(write, tmp_path)
     assert "# log_file is not set  # from default" in text.splitlines()
 
     again = config.check_file(write(text, "rendered.toml"), env={"HOME": str(tmp_path)}, uid=USER)
-    a, b = config.to_dict(c), config.to_dict(again)
+    a, b = config_show.to_dict(c), config_show.to_dict(again)
     for d in (a, b):
         del d["path"], d["sources"]
     assert a == b
@@ -530,7 +530,7 @@ def test_render_is_valid_toml_and_loads_back_to_the_same_config(write, tmp_path)
 
 def test_to_dict_is_json_and_complete(write):
     path, c = load_text(write, "allow_uids = [5, 6]\n" + QUEUES)
-    data = json.loads(json.dumps(config.to_dict(c)))
+    data = json.loads(json.dumps(config_show.to_dict(c)))
     assert data["path"] == path
     assert data["allow_uids"] == [5, 6]
     assert data["defaults"]["max_bytes"] == 1 << 20
@@ -561,4 +561,4 @@ def test_config_never_reads_the_authkey(write, tmp_path):
     key.write_text("secret")
     _, c = load_text(write, f'authkey_file = "{key}"\n')
     assert c.authkey_file == str(key)
-    assert "secret" not in config.render(c) and "secret" not in json.dumps(config.to_dict(c))
+    assert "secret" not in config_show.render(c) and "secret" not in json.dumps(config_show.to_dict(c))

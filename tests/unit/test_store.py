@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from ipcd.errors import ConfigError, StorageFull, StoreCorrupt, Unavailable
-from ipcd.store import MemoryStore, Row, SqliteStore
+from ipcd.memstore import MemoryStore
+from ipcd.store import Row, SqliteStore
 
 T = 10  # seconds: bound on anything that waits for another thread or process
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Micro-costs behind the hot spots in bench/RESULTS.md (one process, no daemon).
+
+    .venv/bin/python bench/micro.py
+
+Each line: median of 5 repetitions, per operation, wall time (and CPU where
+it differs).  These isolate the mechanisms the profiles point at: the store
+thread's future hand-off, one SQLite transaction per operation, the per-call
+json decoder, the restricted unpickler, namedtuple rebuilding, statvfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import queue
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import namedtuple
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import _dumps, make_body  # noqa: E402
+
+BODY = _dumps(make_body(7))
+
+
+def bench(fn, n, reps=5):
+    """median seconds per op of fn(n) (fn runs n ops), wall and process CPU."""
+    walls, cpus = [], []
+    for _ in range(reps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn(n)
+        walls.append((time.perf_counter() - t0) / n)
+        cpus.append((time.process_time() - c0) / n)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def show(name, res):
+    wall, cpu = res
+    print(f"{name:72} {wall * 1e6:8.2f} us wall {cpu * 1e6:8.2f} us CPU")
+
+
+# -- thread hand-off: the store's _submit/_run pattern -------------------------------------
+
+
+class Op:
+    __slots__ = ("done", "result")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+
+
+def handoff(n):
+    q = queue.SimpleQueue()
+
+    def worker():
+        while True:
+            op = q.get()
+            if op is None:
+                return
+            op.result = 1
+            op.done.set()
+    t = threading.Thread(target=worker)
+    t.start()
+    for _ in range(n):
+        op = Op()
+        q.put(op)
+        op.done.wait()
+    q.put(None)
+    t.join()
+
+
+def direct_call(n):
+    lock = threading.Lock()
+    for _ in range(n):
+        with lock:
+            op = Op()
+            op.result = 1
+
+
+# -- SQLite: one transaction per op vs grouped ----------------------------------------------
+
+
+def sqlite_conn(path):
+    c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("PRAGMA synchronous=NORMAL")
+    c.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, "
+              "body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, enqueued_at REAL NOT NULL, "
+              "not_before REAL NOT NULL DEFAULT 0, reason TEXT)")
+    c.execute("CREATE INDEX IF NOT EXISTS messages_queue_id ON messages (queue, id)")
+    return c
+
+
+INSERT = ("INSERT INTO messages (queue, body, attempts, enqueued_at, not_before, reason) "
+          "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def sqlite_suite(tmp: Path):
+    c = sqlite_conn(str(tmp / "m.db"))
+    row = ("q", BODY, 0, time.time(), 0.0, None)
+
+    def insert_txn(n):
+        for _ in range(n):
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(INSERT, row)
+            c.execute("COMMIT")
+
+    def insert_delete_txn(n):  # what one unbatched message costs the store today: 2 transactions
+        for _ in range(n):
+            c.execute("BEGIN IMMEDIATE")
+            cur = c.execute(INSERT, row)
+            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("DELETE FROM messages WHERE id = ?", (cur.lastrowid,))
+            c.execute("COMMIT")
+
+    def insert_delete_one_txn(n):  # ack of the previous message rides in the next append's transaction
+        prev = None
+        for _ in range(n):
+            c.execute("BEGIN IMMEDIATE")
+            if prev is not None:
+                c.execute("DELETE FROM messages WHERE id = ?", (prev,))
+            prev = c.execute(INSERT, row).lastrowid
+            c.execute("COMMIT")
+
+    def batch100_execute_loop(n):  # per message; batches of 100, one execute() per row
+        for _ in range(n // 100):
+            c.execute("BEGIN IMMEDIATE")
+            cur = c.cursor()
+            for _ in range(100):
+                cur.execute(INSERT, row)
+                cur.lastrowid
+            c.execute("COMMIT")
+
+    def batch100_executemany(n):
+        rows = [row] * 100
+        for _ in range(n // 100):
+            c.execute("BEGIN IMMEDIATE")
+            cur = c.cursor()
+            cur.executemany(INSERT, rows)
+            cur.lastrowid  # ids are lastrowid-99 .. lastrowid: one writer, one transaction
+            c.execute("COMMIT")
+
+    show("sqlite: 1 row INSERT in its own transaction (WAL, synchronous=NORMAL)", bench(insert_txn, 3000))
+    show("sqlite: INSERT txn + DELETE txn (one unbatched message today)", bench(insert_delete_txn, 2000))
+    show("sqlite: INSERT + previous DELETE in one transaction", bench(insert_delete_one_txn, 2000))
+    show("sqlite: batch of 100, execute() per row, per message", bench(batch100_execute_loop, 20000))
+    show("sqlite: batch of 100, executemany, per message", bench(batch100_executemany, 20000))
+    c.execute("PRAGMA synchronous=FULL")
+    show("sqlite: 1 row INSERT in its own transaction, synchronous=FULL", bench(insert_txn, 1000))
+    c.execute("PRAGMA synchronous=NORMAL")
+    c.close()
+    wal_amplification(tmp)
+    checkpoint_tail(tmp)
+
+
+def wal_amplification(tmp: Path):
+    """WAL bytes appended per unbatched message (insert txn + delete txn), checkpoints off."""
+    for autoinc in (True, False):
+        path = tmp / f"w{int(autoinc)}.db"
+        c = sqlite3.connect(str(path), isolation_level=None)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")
+        c.execute("PRAGMA wal_autocheckpoint=0")
+        c.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY" + (" AUTOINCREMENT" if autoinc else "")
+                  + ", queue TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+                  "enqueued_at REAL NOT NULL, not_before REAL NOT NULL DEFAULT 0, reason TEXT)")
+        c.execute("CREATE INDEX messages_queue_id ON messages (queue, id)")
+        row = ("q", BODY, 0, time.time(), 0.0, None)
+        wal = Path(str(path) + "-wal")
+        before = wal.stat().st_size
+        n = 2000
+        for _ in range(n):
+            c.execute("BEGIN IMMEDIATE")
+            rid = c.execute(INSERT, row).lastrowid
+            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("DELETE FROM messages WHERE id = ?", (rid,))
+            c.execute("COMMIT")
+        per = (wal.stat().st_size - before) / n
+        print(f"{'sqlite WAL bytes per unbatched message (insert txn + delete txn), ' + ('AUTOINCREMENT' if autoinc else 'plain INTEGER PRIMARY KEY'):72} "
+              f"{per:8.0f} B   (~{per / 4120:.1f} pages of 4 KiB; body is 100 B)")
+        c.close()
+
+
+def checkpoint_tail(tmp: Path):
+    """Latency tail of single-row transactions: automatic checkpoints land on some commits."""
+    for auto in (1000, 0):
+        c = sqlite_conn(str(tmp / f"ck{auto}.db"))
+        c.execute(f"PRAGMA wal_autocheckpoint={auto}")
+        row = ("q", BODY, 0, time.time(), 0.0, None)
+        lat = []
+        for _ in range(6000):
+            t = time.perf_counter()
+            c.execute("BEGIN IMMEDIATE")
+            rid = c.execute(INSERT, row).lastrowid
+            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("DELETE FROM messages WHERE id = ?", (rid,))
+            c.execute("COMMIT")
+            lat.append(time.perf_counter() - t)
+        lat.sort()
+        q = lambda p: lat[int(p / 100 * (len(lat) - 1))] * 1e6  # noqa: E731
+        print(f"{'sqlite insert+delete txns, wal_autocheckpoint=' + str(auto) + ': p50 / p99 / p99.9 / max':72} "
+              f"{q(50):8.1f} / {q(99):.1f} / {q(99.9):.1f} / {lat[-1] * 1e6:.0f} us")
+        c.close()
+
+
+# -- per-message Python costs ----------------------------------------------------------------
+
+
+def _reject(name):
+    raise ValueError(name)
+
+
+def json_kw(n):
+    for _ in range(n):
+        json.loads(BODY, parse_constant=_reject)
+
+
+_DEC = json.JSONDecoder(parse_constant=_reject)
+
+
+def json_prebuilt(n):
+    for _ in range(n):
+        _DEC.decode(BODY)
+
+
+def json_plain(n):
+    for _ in range(n):
+        json.loads(BODY)
+
+
+Row = namedtuple("Row", "id queue body attempts enqueued_at not_before reason")
+
+
+def row_twice(n):  # _new_rows() then _replace(id=...), as store._w_append does
+    for i in range(n):
+        r = Row(0, "q", BODY, 0, 1.0, 0.0, None)
+        r = r._replace(id=i)
+
+
+def row_once(n):
+    for i in range(n):
+        Row(i, "q", BODY, 0, 1.0, 0.0, None)
+
+
+def statvfs(n):
+    for _ in range(n):
+        os.statvfs("/tmp")
+
+
+def main():
+    print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPU")
+    show("thread hand-off: SimpleQueue.put + Event.wait, worker sets (store._submit)", bench(handoff, 5000))
+    show("same work called directly under a lock (no thread)", bench(direct_call, 50000))
+    with tempfile.TemporaryDirectory(prefix="ipcd-m-", dir="/tmp") as tmp:
+        sqlite_suite(Path(tmp))
+    show("json.loads(body, parse_constant=f): builds a JSONDecoder per call", bench(json_kw, 50000))
+    show("prebuilt JSONDecoder(parse_constant=f).decode(body)", bench(json_prebuilt, 50000))
+    show("json.loads(body) (cached default decoder)", bench(json_plain, 50000))
+    req = ("put_many", {"queue": "q", "bodies": [BODY], "timeout": None})
+    data = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        from ipcd import wire
+
+        show("wire.loads (restricted unpickler) of a 1-message put_many request",
+             bench(lambda n: [wire.loads(data) for _ in range(n)], 50000))
+    except Exception as e:  # noqa: BLE001 - src changes under us
+        print(f"wire.loads: skipped ({e})")
+    show("pickle.loads of the same request", bench(lambda n: [pickle.loads(data) for _ in range(n)], 50000))
+    show("Row built then _replace(id=...) (store._new_rows + _w_append)", bench(row_twice, 50000))
+    show("Row built once with its id", bench(row_once, 50000))
+    show("os.statvfs (per append in SqliteStore._disk_has_room)", bench(statvfs, 20000))
+
+
+if __name__ == "__main__":
+    main()

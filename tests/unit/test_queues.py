@@ -1,0 +1,200 @@
+"""Queue/Hub logic on the in-memory store, with injected clocks (no daemon, no sockets)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from ipcd import config as configmod, errors
+from ipcd.hub import Hub
+from ipcd.queues import PREFETCH, validate_body
+from ipcd.memstore import MemoryStore
+from ipcd.store import SqliteStore
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def make_hub(tmp_path, toml="", durable=False):
+    p = tmp_path / "c.toml"
+    p.write_text(f'address = "{tmp_path}/s"\nstate_dir = "{tmp_path}/st"\n{toml}\n')
+    cfg = configmod.load(str(p), env={})
+    mem = MemoryStore()
+    mem.open()
+    stores = {"os": mem, "fsync": mem, "memory": mem}
+    if durable:
+        sq = SqliteStore(str(tmp_path / "q.db"))
+        sq.open()
+        stores.update(os=sq, fsync=sq)
+    clock, wall = Clock(), Clock()
+    hub = Hub(cfg, stores, clock=clock, wall=wall)
+    hub.open()
+    return hub, clock, wall
+
+
+def bodies(n, start=0):
+    return [json.dumps({"n": i}) for i in range(start, start + n)]
+
+
+def test_fifo_and_leases(tmp_path):
+    hub, clock, wall = make_hub(tmp_path)
+    hub.put_many("q", bodies(5))
+    got = hub.get_many("q", 3, timeout=0)
+    assert [json.loads(d[2])["n"] for d in got] == [0, 1, 2]
+    assert all(d[3] == 1 for d in got)  # attempts
+    hub.ack("q", [(got[0][0], got[0][1])])
+    hub.nack("q", [(got[1][0], got[1][1])])
+    # The nacked message goes back to the front, before 3 and 4.
+    nxt = hub.get_many("q", 10, timeout=0)
+    assert [json.loads(d[2])["n"] for d in nxt] == [1, 3, 4]
+    assert nxt[0][3] == 2
+
+
+def test_expired_lease_redelivers_and_stale_ack_is_refused(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, "[defaults]\nlease_seconds = 10\n")
+    hub.put_many("q", bodies(1))
+    first = hub.get_many("q", 1, timeout=0)[0]
+    clock.t += 11
+    hub.tick()
+    second = hub.get_many("q", 1, timeout=0)[0]
+    assert second[0] == first[0] and second[3] == 2 and second[1] != first[1]
+    with pytest.raises(errors.LeaseExpired):
+        hub.ack("q", [(first[0], first[1])])
+    assert hub.ack("q", [(second[0], second[1])]) == 1
+
+
+def test_touch_extends_lease(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, "[defaults]\nlease_seconds = 10\n")
+    hub.put_many("q", bodies(1))
+    d = hub.get_many("q", 1, timeout=0)[0]
+    clock.t += 8
+    hub.touch("q", [(d[0], d[1])], 10)
+    clock.t += 8
+    hub.tick()
+    assert hub.get_many("q", 1, timeout=0) == []  # still leased
+    assert hub.ack("q", [(d[0], d[1])]) == 1
+
+
+def test_max_attempts_dead_letters_and_replay(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, "[defaults]\nmax_attempts = 2\n")
+    hub.put_many("p", bodies(1))
+    for _ in range(2):
+        d = hub.get_many("p", 1, timeout=0)[0]
+        hub.nack("p", [(d[0], d[1])], reason="boom")
+    assert hub.get_many("p", 1, timeout=0) == []
+    dead = hub.dead_list("p")
+    assert len(dead) == 1 and "boom" in dead[0][4]
+    assert hub.stats("p")[0]["ready"] == 0
+    assert hub.dead_replay("p", all=True)["replayed"] == 1
+    d = hub.get_many("p", 1, timeout=0)[0]
+    assert d[3] == 1  # attempts reset
+
+
+def test_nack_delay_holds_message_back(tmp_path):
+    hub, clock, wall = make_hub(tmp_path)
+    hub.put_many("q", bodies(1))
+    d = hub.get_many("q", 1, timeout=0)[0]
+    hub.nack("q", [(d[0], d[1])], delay=30)
+    assert hub.get_many("q", 1, timeout=0) == []
+    wall.t += 31
+    clock.t += 31
+    hub.tick()
+    assert len(hub.get_many("q", 1, timeout=0)) == 1
+
+
+def test_bounds_reject_and_block(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, '[queues.r]\nmax_messages = 2\noverflow = "reject"\n'
+                                          '[queues.b]\nmax_messages = 1\n')
+    hub.put_many("r", bodies(2))
+    with pytest.raises(errors.QueueFull):
+        hub.put_many("r", bodies(1))
+    hub.put_many("b", bodies(1))
+    with pytest.raises(errors.QueueFull):
+        hub.put_many("b", bodies(1), timeout=0)
+    done = []
+    t = threading.Thread(target=lambda: done.append(hub.put_many("b", bodies(1), timeout=30)))
+    t.start()
+    d = hub.get_many("b", 1, timeout=0)[0]
+    hub.ack("b", [(d[0], d[1])])
+    t.join(10)
+    assert done and len(done[0]) == 1
+
+
+def test_validate_body():
+    assert validate_body('{"a": "ü"}', 100) == len('{"a": "ü"}'.encode())
+    for bad in ("{", "NaN", "[Infinity]", b"{}", "\ud800"):
+        with pytest.raises(errors.DataError):
+            validate_body(bad, 100)
+    with pytest.raises(errors.DataError, match="max_message_bytes"):
+        validate_body(json.dumps("x" * 200), 100)
+
+
+def test_depth_beyond_prefetch_window_is_served_from_the_store_in_order(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, durable=True)
+    total = PREFETCH * 3 + 7
+    for i in range(0, total, 500):
+        hub.put_many("deep", bodies(min(500, total - i), i))
+    q = hub.queue("deep")
+    assert len(q.ready) <= PREFETCH  # only a window lives in memory
+    seen = []
+    while True:
+        got = hub.get_many("deep", 1000, timeout=0)
+        if not got:
+            break
+        seen += [json.loads(d[2])["n"] for d in got]
+        hub.ack("deep", [(d[0], d[1]) for d in got])
+    assert seen == list(range(total))
+    for s in set(hub.stores.values()):
+        s.close()
+
+
+def test_stop_wakes_blocked_receivers(tmp_path):
+    hub, clock, wall = make_hub(tmp_path)
+    errs = []
+
+    def waiter():
+        try:
+            hub.get_many("q", 1, timeout=60)
+        except errors.Unavailable as e:
+            errs.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    while hub.queue("q").waiting == 0:
+        t.join(0.01)
+    hub.stop()
+    t.join(10)
+    assert not t.is_alive() and errs and "stopping" in str(errs[0])
+
+
+def test_server_side_validation_of_arguments(tmp_path):
+    hub, clock, wall = make_hub(tmp_path)
+    with pytest.raises(errors.DataError):
+        hub.get_many("q", max_n=0)
+    with pytest.raises(errors.DataError):
+        hub.get_many("q", max_n=10**9)
+    with pytest.raises(errors.DataError):
+        hub.get_many("q", timeout=-1)
+    with pytest.raises(errors.DataError):
+        hub.put_many("bad name", bodies(1))
+    with pytest.raises(errors.DataError):
+        hub.put_many("q", "not a list")
+    with pytest.raises(errors.DataError):
+        hub.ack("q", [("x", "y", "z")])
+
+
+def test_get_many_reply_stays_within_the_frame_budget(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, 'max_request_bytes = "64KiB"\n[defaults]\nmax_message_bytes = "16KiB"\n')
+    hub.put_many("big", [json.dumps("x" * 5000)] * 20)
+    got = hub.get_many("big", 100, timeout=0)
+    assert 1 <= len(got) < 20
+    assert sum(len(d[2]) for d in got) <= hub.reply_budget
+    rest = hub.get_many("big", 100, timeout=0)
+    assert len(got) + len(rest) <= 20 and rest  # the remainder comes in later replies
