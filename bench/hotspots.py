@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where does the daemon's time go?  Profiles behind bench/RESULTS.md.
 
-    .venv/bin/python bench/hotspots.py [--out DIR] [--seconds S] [--skip-cprofile] [--skip-cli]
+    .venv/bin/python bench/hotspots.py [--out DIR] [--seconds S] [--skip-daemon] [--skip-worker]
+                                       [--skip-cprofile] [--skip-cli]
 
 1. py-spy (sampling, native frames, per thread) on the daemon while it serves
    scenario 1 (unbatched 1->1, ack piggybacked) and scenario 2 (batches of 100),
@@ -10,6 +11,7 @@
    unbatched stream: call counts per message and self time per function.
 3. `python -X importtime -m ipcd send`: import-time offenders (median of 5), and
    cProfile of the whole `ipcd send` process.
+4. py-spy on `ipcd worker` (--call and exec) draining a pre-filled queue.
 
 Needs py-spy (.venv/bin/pip install py-spy); step 1 is skipped without it.
 Writes raw data into --out (default: a temp dir, printed) and a Markdown
@@ -229,28 +231,35 @@ def render_pyspy(title, r, raw_all: Path, raw_gil: Path, cpu_line: str, top=16) 
     return "\n".join(o)
 
 
-def worker_profile(tmp: Path, out: Path, seconds: float) -> str:
-    """py-spy (GIL holder) on `ipcd worker --call worker_handlers:noop` draining a pre-filled queue."""
+def _children_cpu(pid: int) -> float:
+    """cutime + cstime of pid: CPU of its children that have exited (exec mode: one per message)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_profile(tmp: Path, out: Path, seconds: float, mode=("--call", "worker_handlers:noop"), n=20_000) -> str:
+    """py-spy (GIL holder) on `ipcd worker QUEUE <mode>` draining a pre-filled queue."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    d = run.IpcdDaemon(tmp / "wk", "os")
+    d = run.IpcdDaemon(tmp / f"wk{len(mode)}", "os")
     d.start()
-    n = 20_000
     try:
         with d.client() as c:
             c.send_json_many("wq", [run._dumps(run.make_body(i)) for i in range(n)])
         env = d.env
         env["PYTHONPATH"] = str(run.BENCH) + os.pathsep + env["PYTHONPATH"]
         errf = open(d.root / "worker.stderr", "wb")
-        w = run._spawn([sys.executable, "-m", "ipcd", "worker", "wq", "--call", "worker_handlers:noop"], env=env,
+        w = run._spawn([sys.executable, "-m", "ipcd", "worker", "wq", *mode], env=env,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf)
         time.sleep(1.5)  # started and draining
-        kids = run._children_of(w.pid)
+        kids = run._children_of(w.pid) if "--call" in mode else []  # exec children come and go
+        cc0 = _children_cpu(w.pid)
         c0 = run.proc_cpu(w.pid)
         k0 = sum(run.proc_cpu(k) for k in kids)
         d0 = run.proc_cpu(d.pid)
         with d.client() as c:
             a0 = c.stats("wq")[0]["acked"]
-        raw = out / "pyspy-worker-call-gil.txt"
+        raw = out / f"pyspy-worker-{'call' if '--call' in mode else 'exec'}-gil.txt"
         spy_p = run._spawn([spy, "record", "-p", str(w.pid), "-f", "raw", "-o", str(raw), "-r", "250", "-t", "-F",
                             "-n", "--gil", "-d", str(int(seconds))], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -259,6 +268,7 @@ def worker_profile(tmp: Path, out: Path, seconds: float) -> str:
         with d.client() as c:
             a1 = c.stats("wq")[0]["acked"]
         c1 = run.proc_cpu(w.pid)
+        cc1 = _children_cpu(w.pid)
         k1 = sum(run.proc_cpu(k) for k in kids)
         d1 = run.proc_cpu(d.pid)
         run._stop_proc(w, timeout=30)
@@ -273,9 +283,10 @@ def worker_profile(tmp: Path, out: Path, seconds: float) -> str:
         d.stop()
     m = max(1, a1 - a0)
     gtot, _b, gby, gself, gcum, gleaf, _n = parse_pyspy(raw, False)
-    o = [f"### `ipcd worker --call worker_handlers:noop` (-j 1) draining a pre-filled queue (durability os)", "",
+    o = [f"### `ipcd worker wq {' '.join(mode)}` (-j 1) draining a pre-filled queue (durability os)", "",
          f"Under py-spy: {m:,} msgs acked in {seconds:g} s; per message CPU: worker main process "
-         f"{(c1 - c0) / m * 1e6:.0f} us, pool child {(k1 - k0) / m * 1e6:.0f} us, daemon {(d1 - d0) / m * 1e6:.0f} us; "
+         f"{(c1 - c0) / m * 1e6:.0f} us, its children {((k1 - k0) if kids else (cc1 - cc0)) / m * 1e6:.0f} us, "
+         f"daemon {(d1 - d0) / m * 1e6:.0f} us; "
          f"{lines:,} log lines on stderr for {n:,} messages.", "",
          "GIL holder by thread: " + ", ".join(f"{g} {pct(k, gtot)}" for g, k in gby.most_common()), "",
          "| # | worker, GIL holder: cumulative | % | self (innermost Python frame) | % |", "|---|---|---|---|---|"]
@@ -392,6 +403,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="seconds of sampling per profile")
     p.add_argument("--skip-cprofile", action="store_true")
     p.add_argument("--skip-cli", action="store_true")
+    p.add_argument("--skip-daemon", action="store_true", help="skip the daemon sampling profiles")
+    p.add_argument("--skip-worker", action="store_true")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ipcd-prof-", dir="/tmp"))
     out.mkdir(parents=True, exist_ok=True)
@@ -403,8 +416,8 @@ def main() -> int:
         dmem = run.IpcdDaemon(tmp / "mem", "memory")
         dmem.start()
         if shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy"):
-            for label, d, batch in (("unbatched-os", dos, 1), ("batched-os", dos, 100),
-                                    ("unbatched-memory", dmem, 1)):
+            for label, d, batch in (() if args.skip_daemon else (("unbatched-os", dos, 1), ("batched-os", dos, 100),
+                                                                  ("unbatched-memory", dmem, 1))):
                 run.log(f"py-spy: {label}")
                 cpu_line = thread_cpu_run(run.IpcdAdapter(d), batch, args.seconds / 2)
                 r, raw_all = pyspy_profile(label, run.IpcdAdapter(d), 1, 1, batch, args.seconds, out, gil=False)
@@ -412,13 +425,17 @@ def main() -> int:
                 sections.append(render_pyspy(
                     f"Daemon under scenario {'1 (unbatched, recv_many ack=prev)' if batch == 1 else '2 (batch 100)'}, "
                     f"durability {d.durability}", r, raw_all, raw_gil, cpu_line))
+            for mode, n in ((("--call", "worker_handlers:noop"), 20_000),
+                            (("--", shutil.which("true") or "/bin/true"), 3000)):
+                if args.skip_worker:
+                    break
+                run.log(f"py-spy: ipcd worker {' '.join(mode)}")
+                try:
+                    sections.append(worker_profile(tmp, out, args.seconds, mode, n))
+                except Exception as e:  # noqa: BLE001 - the worker is young; do not lose the rest
+                    sections.append(f"worker profile ({' '.join(mode)}) failed: {e}")
         else:
             sections.append("py-spy not installed: sampling profiles skipped (.venv/bin/pip install py-spy)")
-            run.log("py-spy: ipcd worker --call")
-            try:
-                sections.append(worker_profile(tmp, out, args.seconds))
-            except Exception as e:  # noqa: BLE001 - the worker is young; do not lose the rest
-                sections.append(f"worker profile failed: {e}")
         if not args.skip_cprofile:
             run.log("cProfile: unbatched os / batched os")
             sections.append(cprofile_daemon(tmp, 3000, 1))

@@ -25,12 +25,13 @@ def test_files_are_private_and_authkey_generated(daemon):
 def test_sigterm_stops_cleanly_and_wakes_blocked_receiver(daemon):
     receiver = subprocess.Popen([sys.executable, "-m", "ipcd", "recv", "jobs"], env=daemon.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # wait until the receiver is blocked in the daemon
-        with daemon.client() as c:
-            if c.stats("jobs")[0]["waiting"] == 1:
-                break
+    deadline = time.monotonic() + 30
+    waiting = 0
+    while time.monotonic() < deadline and waiting != 1:  # until the receiver is blocked in the daemon
         time.sleep(0.05)
+        with daemon.client() as c:
+            waiting = c.stats("jobs")[0]["waiting"]
+    assert waiting == 1, "the receiver never blocked in the daemon"
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(5) == 0
     out, err = receiver.communicate(timeout=5)
