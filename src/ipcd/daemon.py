@@ -321,7 +321,7 @@ class Daemon:
                 self._compact()
                 next_compact = now + 60
             try:
-                signum = self.sigq.get(timeout=min(wait, 1.0))
+                signum = self.sigq.get(timeout=min(max(wait, 0.02), 1.0))  # 20 ms floor: no busy loop
             except stdqueue.Empty:
                 continue
             if signum in (signal.SIGTERM, signal.SIGINT):

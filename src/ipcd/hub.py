@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import queue as stdqueue
+import random
+import secrets
 import threading
 import time
 
@@ -48,6 +50,7 @@ class Hub:
         self._stopping = False
         self._watchers = []  # callables(queue_name, rows): ipcd tail and sinks
         self.started = wall()
+        self.rng = random.Random(secrets.randbits(128))  # lease tokens (see Queue._deliver_locked)
         # Bytes of bodies one get_many reply may carry (len() of str: <= UTF-8 bytes).
         self.reply_budget = config.max_request_bytes // 8
         # Recent sends for `ipcd tail` (bounded, memory only) and per-second rates for `ipcd stats`.
