@@ -290,11 +290,12 @@ class Queue:
             leases = self._take_leases_locked(items, "ack")
             self._forget_locked([lz.row for lz in leases])
         if leases:
-            # Not waited for: committed with the next group (or by the store thread within
-            # ~0.25 s).  A crash before that redelivers the message, which at-least-once
-            # allows; waiting cost a second transaction per message (bench/RESULTS.md).
-            self.store.delete([lz.row.id for lz in leases], sync=self.settings.durability == "fsync",
-                              wait=False)
+            # With "os" durability the delete is not waited for: it is committed with the
+            # next group (or by the store thread within ~0.25 s), and a crash before that
+            # redelivers the message, which at-least-once allows; waiting cost a second
+            # transaction per message (bench/RESULTS.md).  "fsync" queues keep acks durable.
+            fsync = self.settings.durability == "fsync"
+            self.store.delete([lz.row.id for lz in leases], sync=fsync, wait=fsync)
         self.totals["acked"] += len(leases)
         return len(leases)
 
