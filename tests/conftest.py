@@ -160,6 +160,19 @@ class Daemon:
         return Client(str(self.sock_path), self.authkey(), **kw)
 
 
+def drain(c, queue, n=1000, attr="body"):
+    """Receive and ack until the queue is empty; return each message's *attr* in delivery order."""
+    out = []
+    while True:
+        msgs = c.recv_many(queue, n, timeout=0.2)
+        if not msgs:
+            st = c.stats(queue)[0]
+            assert st["leased"] == 0 and st["delayed"] == 0, st
+            return out
+        out += [getattr(m, attr) for m in msgs]
+        assert c.ack(msgs) == len(msgs)
+
+
 @pytest.fixture
 def short_tmp():
     """A short temp dir: Unix socket paths must stay under 108 bytes."""

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import drain
 from ipcd import errors
 
 T = 15  # seconds: upper bound on any wait for the daemon or a child process
@@ -38,19 +39,6 @@ def wait_for(pred, what, timeout=T, every=0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(every)
-
-
-def drain(c, queue, n=1000):
-    """Receive and ack until the queue is empty; return the bodies in delivery order."""
-    out = []
-    while True:
-        msgs = c.recv_many(queue, n, timeout=0.2)
-        if not msgs:
-            st = c.stats(queue)[0]
-            assert st["leased"] == 0 and st["delayed"] == 0, st
-            return out
-        out += [m.body for m in msgs]
-        assert c.ack(msgs) == len(msgs)
 
 
 def depth(st):

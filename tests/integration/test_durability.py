@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import drain as _drain
 from ipcd import errors
 from ipcd.store import SqliteStore
 
@@ -37,16 +38,7 @@ def _soak():
 
 
 def drain(c, queue, n=1000):
-    """Receive and ack until the queue is empty; return the JSON texts in delivery order."""
-    out = []
-    while True:
-        msgs = c.recv_many(queue, n, timeout=0.2)
-        if not msgs:
-            st = c.stats(queue)[0]
-            assert st["leased"] == 0 and st["delayed"] == 0, st
-            return out
-        out += [m.text for m in msgs]
-        assert c.ack(msgs) == len(msgs)
+    return _drain(c, queue, n, attr="text")  # these tests compare the JSON texts
 
 
 # -- 1. kill -9 while senders stream ----------------------------------------------------
@@ -347,7 +339,6 @@ def test_memory_durability_is_lossy_across_restart_while_os_keeps(make_daemon):
 
 def test_acked_space_is_reused_by_the_daemon(make_daemon):
     d = make_daemon().start()
-    db = d.state_dir / "ipcd.db"
     body = "x" * 1000
     sizes = []
     with d.client() as c:

@@ -15,7 +15,6 @@ import builtins
 import hmac
 import json
 import os
-import pickle
 import resource
 import shutil
 import socket
