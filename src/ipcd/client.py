@@ -225,6 +225,15 @@ class Client:
     def stats(self, queue: str | None = None) -> list[dict]:
         return self.call("stats", queue=queue)
 
+    def tail(self, queue: str | None = None, n: int = 10, after: int | None = None,
+             timeout: float = 0.0) -> dict:
+        """Recently *sent* messages, consuming nothing (what ``ipcd tail`` shows).
+
+        Returns ``{"seq", "entries": [(seq, queue, id, body_json, enqueued_at)], "gap"}``;
+        pass the returned ``seq`` as *after* (with a *timeout*) to wait for newer ones.
+        """
+        return self.call("tail", timeout, queue=queue, n=n, after=after, timeout=timeout)
+
     def peek(self, queue: str, n: int = 10) -> list[Message]:
         return [Message(self, queue, d) for d in self.call("peek", queue=queue, n=n)]
 

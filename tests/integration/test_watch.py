@@ -212,3 +212,12 @@ def test_peek_shows_without_consuming(daemon):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ['"a"', '"b"']
     assert daemon.cli("recv", "p", "--timeout", "5").stdout == '"a"\n'
+
+
+def test_python_client_tail_sees_sends_without_consuming(daemon):
+    with daemon.client() as c:
+        start = c.tail("pyq", n=10)
+        c.send("pyq", {"n": 1})
+        got = c.tail("pyq", n=10, after=start["seq"], timeout=5)
+        assert [(e[1], json.loads(e[3])) for e in got["entries"]] == [("pyq", {"n": 1})]
+        assert c.recv("pyq", timeout=5).body == {"n": 1}  # still there for consumers
