@@ -21,9 +21,10 @@ from . import commands, errors
 from .commands import load_config, open_client  # noqa: F401  (used by cli_* modules too)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain click errors: "Error: ..." lines, no panels
                   help="Named queues for one host: named pipes with structure and guarantees.")
-config_app = typer.Typer(no_args_is_help=True, help="Show or validate the configuration.")
-dead_app = typer.Typer(no_args_is_help=True, help="Inspect and replay dead-lettered messages.")
+config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Show or validate the configuration.")
+dead_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and replay dead-lettered messages.")
 app.add_typer(config_app, name="config")
 app.add_typer(dead_app, name="dead")
 

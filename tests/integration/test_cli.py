@@ -189,3 +189,7 @@ def test_usage_errors_exit_2():
     r = subprocess.run([sys.executable, "-m", "ipcd", "recv"], env=base_env(), capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2
+    r = subprocess.run([sys.executable, "-m", "ipcd", "recv", "q", "--timeout", "abc"], env=base_env(),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "Error: Invalid value for '--timeout'" in r.stderr and "Traceback" not in r.stderr
