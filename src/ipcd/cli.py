@@ -21,10 +21,9 @@ from . import commands, errors
 from .commands import load_config, open_client  # noqa: F401  (used by cli_* modules too)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,  # plain click errors: "Error: ..." lines, no panels
                   help="Named queues for one host: named pipes with structure and guarantees.")
-config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Show or validate the configuration.")
-dead_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and replay dead-lettered messages.")
+config_app = typer.Typer(no_args_is_help=True, help="Show or validate the configuration.")
+dead_app = typer.Typer(no_args_is_help=True, help="Inspect and replay dead-lettered messages.")
 app.add_typer(config_app, name="config")
 app.add_typer(dead_app, name="dead")
 
@@ -282,8 +281,24 @@ from . import cli_worker  # noqa: E402,F401  (registers worker)
 
 
 def main(argv=None) -> int:
+    """Run the typer app; usage errors become plain ``Error:`` lines (exit 2).
+
+    Not typer's standalone mode: it draws usage errors in rich panels, which scripts
+    grepping stderr for ``Error:`` would not expect.
+    """
+    import click
+
     try:
-        app(args=argv, prog_name="ipcd", standalone_mode=True)
+        rv = app(args=argv, prog_name="ipcd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:
+        return 2  # typer has printed the help already
+    except click.exceptions.UsageError as e:
+        if e.ctx is not None:
+            typer.echo(f"{e.ctx.get_usage()}\nTry '{e.ctx.command_path} --help' for help.\n", err=True)
+        typer.echo(f"Error: {e.format_message()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return rv if isinstance(rv, int) else 0
