@@ -29,6 +29,7 @@ _MAGIC = b"SQLite format 3\x00"
 _CORRUPT, _FULL, _NOTADB = 11, 13, 26  # primary result codes (sqlite_errorcode & 0xFF)
 _CANT_OPEN = {3, 8, 14}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
 _CHUNK = 500  # ids per IN (...): under SQLITE_MAX_VARIABLE_NUMBER even before 3.32 (999)
+_WAL_CHECKPOINT = 4 << 20  # checkpoint early once about this much was written to the WAL
 _MAX_BATCH = 4096  # ops taken per round: bounds how long one transaction holds every sender
 _CAP_HEADROOM = 256  # pages beyond max_bytes granted to ops that add no message
 _WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL file is cut back to this after a checkpoint
@@ -152,6 +153,7 @@ class SqliteStore:
         self._close_requested = False
         self._dirty = False  # commits since the last passive checkpoint
         self._last_checkpoint = time.monotonic()
+        self._wal_estimate = 0  # bytes written to the WAL since the last checkpoint (rough)
         self._room_budget, self._room_until = 0, 0.0  # see _disk_has_room
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -429,13 +431,17 @@ class SqliteStore:
         wal_autocheckpoint is off: SQLite's automatic checkpoint ran inside every ~200th
         commit and made the p99 round trip 4-6 ms instead of ~1 ms (bench/RESULTS.md).
         """
-        # At most once a second: a checkpoint fsyncs the WAL and the database file, which
-        # costs milliseconds; on every wake-up it cost more than the commits themselves.
-        if not self._dirty or self._conn is None or time.monotonic() - self._last_checkpoint < 1.0:
+        # At most once a second (unless the WAL grew past _WAL_CHECKPOINT): a checkpoint
+        # fsyncs the WAL and the database file, which costs milliseconds; on every wake-up
+        # it cost more than the commits themselves.
+        if not self._dirty or self._conn is None:
+            return
+        if time.monotonic() - self._last_checkpoint < 1.0 and self._wal_estimate <= _WAL_CHECKPOINT:
             return
         try:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._dirty = False
+            self._wal_estimate = 0
             self._last_checkpoint = time.monotonic()
         except sqlite3.Error as exc:
             self.log.warning("store %s: checkpoint failed: %s", self.path, exc)
@@ -582,6 +588,13 @@ class SqliteStore:
             raise
         self.commits += 1
         self._dirty = True
+        # Rough WAL growth (4 KiB pages: a row's leaf, its index entry, the sequence row):
+        # past _WAL_CHECKPOINT bytes, ask the store thread for a checkpoint now rather than
+        # at the next one-second mark, so the WAL stays a few MiB even at full speed.
+        self._wal_estimate += 12288 + sum(
+            sum(len(it[1]) + 200 for it in op.args[0]) if op.kind == "append" else 200 for op in ops)
+        if self._wal_estimate > _WAL_CHECKPOINT:
+            self._wake.set()
         return results
 
     def _finish(self, ops: list[_Op], results: list[Any]) -> None:
