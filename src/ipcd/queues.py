@@ -93,6 +93,7 @@ class Queue:
         self.delayed_rows: dict[int, object] = {}
         self.leases: dict[int, Lease] = {}
         self.lease_heap: list[tuple[float, int, int]] = []  # (expires, id, token)
+        self.purge_epoch = 0  # see _settle
         self.moving: set[int] = set()  # ids being re-homed: refills must skip them
         self.waiting = 0
         self.totals = dict(sent=0, received=0, acked=0, nacked=0, redelivered=0, dead=0)
@@ -309,8 +310,9 @@ class Queue:
             raise errors.DataError("nack delay must be between 0 and one year, in seconds")
         with self.lock:
             leases = self._take_leases_locked(items, "nack")
+            epoch = self.purge_epoch
         self.totals["nacked"] += len(leases)
-        self._settle([lz.row for lz in leases], delay, reason or "nacked")
+        self._settle([lz.row for lz in leases], delay, reason or "nacked", epoch)
         return len(leases)
 
     def touch(self, items, seconds: float | None = None) -> float:
@@ -335,8 +337,15 @@ class Queue:
             self.not_empty.notify(len(leases))
         return len(leases)
 
-    def _settle(self, rows, delay, reason):
-        """Return failed deliveries to the queue, or dead-letter the exhausted."""
+    def _settle(self, rows, delay, reason, epoch):
+        """Return failed deliveries to the queue, or dead-letter the exhausted.
+
+        *epoch* is ``purge_epoch`` when the rows' leases were taken: a purge in between
+        deleted them, and putting them back would serve messages that no longer exist.
+        """
+        with self.lock:
+            if self.purge_epoch != epoch:
+                return
         limit = self.settings.max_attempts
         dead = [r for r in rows if r.attempts >= limit and not self.is_dead_queue]
         back = [r for r in rows if not (r.attempts >= limit and not self.is_dead_queue)]
@@ -374,6 +383,7 @@ class Queue:
         """Expire leases and release due delayed messages; return the next due time."""
         expired = []
         with self.lock:
+            epoch = self.purge_epoch
             while self.lease_heap and self.lease_heap[0][0] <= now:
                 _exp, rid, token = heapq.heappop(self.lease_heap)
                 lease = self.leases.get(rid)
@@ -398,7 +408,7 @@ class Queue:
             if self.delayed:
                 due.append(now + (self.delayed[0][0] - wall_now))
         if expired:
-            self._settle(expired, 0.0, "lease expired")
+            self._settle(expired, 0.0, "lease expired", epoch)
         return min(due) if due else None
 
     # -- inspection and maintenance ---------------------------------------
@@ -432,6 +442,7 @@ class Queue:
 
     def purge(self) -> int:
         with self.lock:
+            self.purge_epoch += 1
             removed = self.count
             self.ready.clear()
             self.ready_heap.clear()

@@ -198,3 +198,20 @@ def test_get_many_reply_stays_within_the_frame_budget(tmp_path):
     assert sum(len(d[2]) for d in got) <= hub.reply_budget
     rest = hub.get_many("big", 100, timeout=0)
     assert len(got) + len(rest) <= 20 and rest  # the remainder comes in later replies
+
+
+def test_settle_after_a_concurrent_purge_does_not_resurrect_the_message(tmp_path):
+    # A lease expiry or nack takes its rows under the lock and settles them after releasing
+    # it; a purge in that gap deleted the rows, so settling must not put them back.
+    hub, clock, wall = make_hub(tmp_path)
+    hub.put_many("q", bodies(1))
+    hub.get_many("q", 1, timeout=0)
+    q = hub.queue("q")
+    with q.lock:
+        epoch = q.purge_epoch
+        row = next(iter(q.leases.values())).row
+        del q.leases[row.id]
+    assert hub.purge("q") == 1
+    q._settle([row], 0.0, "lease expired", epoch)
+    assert hub.get_many("q", 1, timeout=0) == []
+    assert hub.stats("q")[0]["ready"] == 0
