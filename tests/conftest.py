@@ -160,6 +160,24 @@ class Daemon:
         return Client(str(self.sock_path), self.authkey(), **kw)
 
 
+def wait_until(pred, what="", timeout=60.0, on_fail=None, every=0.02):
+    """Poll *pred* until it returns something truthy (and return that), or fail after *timeout*.
+
+    *what* (a string, or a callable for a late description) and *on_fail()* go into the
+    failure message.  A no-hang bound, not a timing assertion.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            desc = what() if callable(what) else what
+            extra = on_fail() if on_fail is not None else ""
+            raise AssertionError(f"timed out waiting for {desc}" + (f"\n{extra}" if extra else ""))
+        time.sleep(every)
+
+
 def drain(c, queue, n=1000, attr="body"):
     """Receive and ack until the queue is empty; return each message's *attr* in delivery order."""
     out = []

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import drain
+from conftest import drain, wait_until as wait_for
 from ipcd import errors
 
 T = 15  # seconds: upper bound on any wait for the daemon or a child process
@@ -28,17 +28,6 @@ m = c.recv(queue, timeout=15, lease=float(lease))
 print("none" if m is None else "%d %d %s" % (m.id, m.attempts, m.text), flush=True)
 time.sleep(600)  # hold the lease, never ack: the test kills us
 """
-
-
-def wait_for(pred, what, timeout=T, every=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def depth(st):

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_until
 
 SENT = re.compile(r"queue q: sent 1 message\(s\), id (\d+)$")
 
@@ -22,13 +23,6 @@ def sent_ids(path) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(m.group(1)) for line in text.splitlines() if (m := SENT.search(line))]
-
-
-def wait_until(cond, timeout=10.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- journald -------------------------------------------------------------------------

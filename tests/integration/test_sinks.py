@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from conftest import wait_until
 
 
 def lines(path) -> list[str]:
@@ -15,13 +16,6 @@ def lines(path) -> list[str]:
         return path.read_text().splitlines()
     except FileNotFoundError:
         return []
-
-
-def wait_until(cond, timeout=20.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
-        time.sleep(0.05)
 
 
 def qstats(d, name) -> dict:

@@ -8,13 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-
-
-def wait_until(cond, timeout=15.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
-        time.sleep(0.05)
+from conftest import wait_until
 
 
 class Reader:

@@ -15,23 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
 NO_HANG = 60.0  # bound for things that take a second or two
-
-
-def wait_until(pred, what: str, timeout: float = NO_HANG, on_fail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n{on_fail()}")
 
 
 def gone(pid: int) -> bool:
