@@ -18,6 +18,7 @@ import time
 from . import errors
 from .config import validate_queue_name
 from .queues import DEAD_SUFFIX, Queue
+from .store import body_size
 from .watch import History, Rates
 
 log = logging.getLogger("ipcd.hub")
@@ -173,7 +174,6 @@ class Hub:
 
     def _move(self, src: Queue, dst: Queue, rows, *, reason, reset_attempts):
         """Re-home *rows* (already detached from src's memory) into dst."""
-        sizes = [len(r.body.encode("utf-8")) for r in rows]
         if src.store is dst.store:
             moved = dst.store.move([r.id for r in rows], dst.name, reason=reason,
                                    reset_attempts=reset_attempts,
@@ -183,8 +183,8 @@ class Hub:
                      for r in rows]
             moved = dst.store.append(items, sync=dst.settings.durability == "fsync")
             src.store.delete([r.id for r in rows])
-        by_id = {r.id: s for r, s in zip(moved, sizes)} if src.store is dst.store else None
-        dst.insert_moved(moved, [by_id.get(m.id, 0) for m in moved] if by_id else sizes)
+        # Sizes from the moved rows themselves: store.move() need not keep the order of *rows*.
+        dst.insert_moved(moved, [body_size(m.body) for m in moved])
         return moved
 
     def dead_list(self, queue, limit=100):

@@ -13,7 +13,7 @@ import threading
 from typing import Iterable
 
 from ipcd.errors import Unavailable
-from ipcd.store import NewItem, OnCommit, Row, _full_error, _new_rows
+from ipcd.store import NewItem, OnCommit, Row, _full_error, _new_rows, body_size
 
 
 class MemoryStore:
@@ -52,7 +52,7 @@ class MemoryStore:
 
     def load_summary(self) -> dict[str, tuple[int, int, int]]:
         with self._locked():
-            return {q: (len(d), sum(len(r.body.encode()) for r in d.values()), max(d))
+            return {q: (len(d), sum(body_size(r.body) for r in d.values()), max(d))
                     for q, d in self._by_queue.items() if d}
 
     def append(self, items: list[NewItem], *, sync: bool = False,
@@ -60,7 +60,7 @@ class MemoryStore:
         if not items:
             return []
         with self._locked():
-            size = sum(len(item[1].encode()) for item in items)
+            size = sum(body_size(item[1]) for item in items)
             if self.max_bytes and self._bytes + size > self.max_bytes:
                 raise _full_error(f"{self._bytes + size} bytes would exceed "
                                   f"max_bytes={self.max_bytes}")
@@ -93,7 +93,7 @@ class MemoryStore:
 
     def _delete(self, ids: Iterable[int]) -> int:
         gone = [r for r in map(self._pop, ids) if r is not None]
-        self._bytes -= sum(len(r.body.encode()) for r in gone)
+        self._bytes -= sum(body_size(r.body) for r in gone)
         return len(gone)
 
     def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:

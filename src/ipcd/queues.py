@@ -25,6 +25,7 @@ import time
 from typing import NamedTuple
 
 from . import errors
+from .store import body_size
 
 PREFETCH = 512  # ready messages kept in memory per queue
 DEAD_SUFFIX = ".dead"
@@ -61,7 +62,7 @@ def validate_body(text, max_bytes: int, index: int | None = None) -> int:
     if not isinstance(text, str):
         raise errors.DataError(f"{where}a message must be JSON text (str), not {type(text).__name__}")
     try:
-        size = len(text.encode("utf-8"))
+        size = body_size(text)
     except UnicodeEncodeError:
         raise errors.DataError(f"{where}message is not valid UTF-8 text") from None
     if size > max_bytes:
@@ -302,7 +303,7 @@ class Queue:
 
     def _forget_locked(self, rows):
         self.count -= len(rows)
-        self.nbytes -= sum(len(r.body.encode("utf-8")) for r in rows)
+        self.nbytes -= sum(body_size(r.body) for r in rows)
         self.not_full.notify_all()
 
     def nack(self, items, delay: float = 0.0, reason: str | None = None) -> int:
@@ -373,7 +374,7 @@ class Queue:
             except BaseException:
                 with self.lock:  # still stored under this queue: keep serving them
                     self.count += len(dead)
-                    self.nbytes += sum(len(r.body.encode("utf-8")) for r in dead)
+                    self.nbytes += sum(body_size(r.body) for r in dead)
                     for row in dead:
                         self._make_ready(row)
                     self.not_empty.notify(len(dead))

@@ -82,6 +82,15 @@ def _full_error(detail: object) -> StorageFull:
     return StorageFull(f"store is full: {detail}; messages already accepted are safe")
 
 
+def body_size(body: str) -> int:
+    """UTF-8 bytes of a JSON text, the unit of max_bytes and of queue depth in bytes.
+
+    ASCII (most JSON) needs no encoding; this runs on every send, ack and dead letter.
+    A lone surrogate raises UnicodeEncodeError, as encoding would.
+    """
+    return len(body) if body.isascii() else len(body.encode("utf-8"))
+
+
 def _new_rows(items: list[NewItem]) -> list[Row]:
     """Rows with id 0, normalised as they will read back (REAL columns return floats)."""
     return [Row(0, q, body, int(att), float(enq), float(nb), reason)
