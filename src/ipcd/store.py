@@ -82,6 +82,13 @@ def _full_error(detail: object) -> StorageFull:
     return StorageFull(f"store is full: {detail}; messages already accepted are safe")
 
 
+def _incoming(ops) -> int:
+    """Rough bytes a group of write ops adds to the WAL: bodies plus ~200 per row/op."""
+    # Not len() blindly: a malformed body must fail its own op in the transaction, not here.
+    return sum(sum((len(it[1]) if isinstance(it[1], str) else 0) + 200 for it in op.args[0])
+               if op.kind == "append" else 200 for op in ops)
+
+
 def body_size(body: str) -> int:
     """UTF-8 bytes of a JSON text, the unit of max_bytes and of queue depth in bytes.
 
@@ -472,14 +479,14 @@ class SqliteStore:
                     writes.append(op)
                     continue
                 if writes:  # commit first: a read must see the writes queued before it
-                    self._write_group(writes)
+                    self._write_group_safely(writes)
                     writes = []
                 try:
                     op.finish(getattr(self, "_r_" + op.kind)(*op.args))
                 except Exception as exc:
                     self._fail(op, exc)
             if writes:
-                self._write_group(writes)
+                self._write_group_safely(writes)
 
     def _fail_queued(self) -> None:
         while True:
@@ -502,11 +509,20 @@ class SqliteStore:
             conn.close()
             self._fail_queued()
 
+    def _write_group_safely(self, ops: list[_Op]) -> None:
+        """_write_group, but a bug in it fails these ops instead of leaving callers waiting."""
+        try:
+            self._write_group(ops)
+        except Exception as exc:
+            self.log.critical("store: unexpected error in a write group", exc_info=True)
+            for op in ops:
+                if not op.finished:
+                    op.finish(error=exc)
+
     def _write_group(self, ops: list[_Op]) -> None:
         appends = [op for op in ops if op.kind == "append"]
-        if appends and not self._disk_has_room(sum(
-                sum(len(it[1]) + 64 if isinstance(it[1], str) else 64 for it in op.args[0]) + 4096
-                for op in appends)):
+        incoming = _incoming(ops)
+        if appends and not self._disk_has_room(incoming + 4096):
             full = OSError(errno.ENOSPC, f"less than {self.disk_reserve >> 20} MiB (or 1/8 of the "
                            f"filesystem) would stay free next to {self.path}, kept for acks")
             for op in appends:
@@ -514,8 +530,9 @@ class SqliteStore:
             ops = [op for op in ops if op.kind != "append"]
             if not ops:
                 return
+            incoming = _incoming(ops)
         try:
-            results = self._transaction(ops)
+            results = self._transaction(ops, incoming)
         except Exception as exc:
             if isinstance(exc, _BeginFailed) or len(ops) == 1:
                 for op in ops:  # retrying each op alone would repeat the same failure N times
@@ -524,7 +541,7 @@ class SqliteStore:
             self.log.debug("group of %d writes failed (%s); retrying one by one", len(ops), exc)
             for op in ops:
                 try:
-                    self._finish([op], self._transaction([op]))
+                    self._finish([op], self._transaction([op], _incoming([op])))
                 except Exception as exc1:
                     self._fail(op, exc1)
             return
@@ -569,7 +586,8 @@ class SqliteStore:
                     return False
         return False
 
-    def _transaction(self, ops: list[_Op]) -> list[Any]:
+    def _transaction(self, ops: list[_Op], incoming: int) -> list[Any]:
+        """Run *ops* in one transaction; *incoming* is _incoming(ops), for the WAL estimate."""
         conn = self._conn
         full = any(op.sync for op in ops)
         try:
@@ -600,8 +618,7 @@ class SqliteStore:
         # Rough WAL growth (4 KiB pages: a row's leaf, its index entry, the sequence row):
         # past _WAL_CHECKPOINT bytes, ask the store thread for a checkpoint now rather than
         # at the next one-second mark, so the WAL stays a few MiB even at full speed.
-        self._wal_estimate += 12288 + sum(
-            sum(len(it[1]) + 200 for it in op.args[0]) if op.kind == "append" else 200 for op in ops)
+        self._wal_estimate += 12288 + incoming
         if self._wal_estimate > _WAL_CHECKPOINT:
             self._wake.set()
         return results
