@@ -293,14 +293,21 @@ def connect(config_path: str | None = None, *, address: str | None = None, authk
 
     ``address``/``authkey`` override what the configuration says.
     """
-    from . import config as configmod, paths
+    from . import config as configmod
 
-    overrides = {"address": address} if address else None
-    cfg = configmod.load(config_path, overrides=overrides)
+    cfg = configmod.load(config_path, overrides={"address": address} if address else None)
+    return client_for(cfg, authkey=authkey, timeout=timeout, reconnect_timeout=reconnect_timeout)
+
+
+def client_for(cfg, *, authkey: bytes | None = None, timeout: float = 5.0,
+               reconnect_timeout: float = 30.0) -> Client:
+    """A Client for a loaded Config: its address, authkey file and request limit."""
+    from . import paths
+
     key = authkey if authkey is not None else read_authkey(cfg.authkey_file)
     _kind, addr = paths.parse_address(cfg.address)
     return Client(addr, key, connect_timeout=timeout, reconnect_timeout=reconnect_timeout,
                   max_request_bytes=cfg.max_request_bytes)
 
 
-__all__ = ["Client", "Message", "connect", "dumps", "read_authkey"]
+__all__ = ["Client", "Message", "client_for", "connect", "dumps", "read_authkey"]

@@ -24,13 +24,9 @@ def load_config(config_path, address=None):
 
 
 def open_client(config_path, address, *, reconnect_timeout=0.0):
-    from . import paths
-    from .client import Client, read_authkey
+    from .client import connect
 
-    cfg = load_config(config_path, address)
-    key = read_authkey(cfg.authkey_file)
-    _kind, addr = paths.parse_address(cfg.address)
-    return Client(addr, key, reconnect_timeout=reconnect_timeout, max_request_bytes=cfg.max_request_bytes)
+    return connect(config_path, address=address, reconnect_timeout=reconnect_timeout)
 
 
 def _no_constants(name):

@@ -445,7 +445,7 @@ class Worker:
 def main(opts: Options, *, config_path=None, address=None, log_level="INFO", log_file=None) -> int:
     """``ipcd worker``: check everything, connect, run; returns the exit code."""
     from . import config as configmod, logs, paths, worker_pool  # worker_pool imports this module
-    from .client import Client, read_authkey
+    from .client import client_for
 
     if bool(opts.command) == bool(opts.call):
         raise errors.UsageError("give either a command after -- (ipcd worker QUEUE -- CMD [ARGS...]) "
@@ -463,11 +463,10 @@ def main(opts: Options, *, config_path=None, address=None, log_level="INFO", log
         fn = worker_pool.load_target(opts.call)
     else:
         argv = worker_pool.resolve_command(opts.command)
-    key = read_authkey(cfg.authkey_file)
     _kind, addr = paths.parse_address(cfg.address)
 
     def client():
-        return Client(addr, key, reconnect_timeout=opts.reconnect_timeout, max_request_bytes=cfg.max_request_bytes)
+        return client_for(cfg, reconnect_timeout=opts.reconnect_timeout)
 
     ctl = client()
     try:
