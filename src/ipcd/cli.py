@@ -43,15 +43,9 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except errors.IpcdError as e:
-            fail(e)
-        except KeyboardInterrupt:
-            raise typer.Exit(130)
-        except BrokenPipeError:
-            commands.silence_stdout()
-            raise typer.Exit(0)
+        code = commands.run(fn, *args, **kwargs)
+        if code:
+            raise typer.Exit(code)
 
     return wrapper
 

@@ -142,6 +142,23 @@ def recv(queue, *, n=1, timeout=None, follow=False, meta=False, lease=None, conf
                 return 0
 
 
+def run(fn, *args, **kwargs) -> int:
+    """Call a command; user-facing failures become one ``Error:`` line and an exit code.
+
+    Shared by the fast path (entry.py) and every typer command (cli.guarded).
+    """
+    try:
+        return fn(*args, **kwargs) or 0
+    except errors.IpcdError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        silence_stdout()
+        return 0
+
+
 def silence_stdout():
     """The reader went away: stop Python from complaining at exit."""
     try:

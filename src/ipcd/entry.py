@@ -64,21 +64,12 @@ def main(argv=None) -> int:
         from .cli import main as typer_main
 
         return typer_main(argv)
-    from . import commands, errors
+    from . import commands
 
     cmd, pos, opts = parsed
-    try:
-        if cmd == "send":
-            return commands.send(pos[0], pos[1] if len(pos) > 1 else None, **opts)
-        return commands.recv(pos[0], **opts)
-    except errors.IpcdError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        commands.silence_stdout()
-        return 0
+    if cmd == "send":
+        return commands.run(commands.send, pos[0], pos[1] if len(pos) > 1 else None, **opts)
+    return commands.run(commands.recv, pos[0], **opts)
 
 
 if __name__ == "__main__":
