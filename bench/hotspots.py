@@ -323,7 +323,7 @@ def cprofile_daemon(tmp: Path, n: int, batch: int, durability="os") -> str:
         label = f"{name}" if fn_file == "~" else f"{name} ({where}:{line})"
         o.append(f"| `{label}` | {nc / n:.2f} | {tt:.2f} | {100 * tt / total_tt:.1f}% | {ct:.2f} |")
         shown += 1
-        if shown >= 25:
+        if shown >= int(os.environ.get("TOPN", 25)):
             break
     # a few call counts that explain the cost
     interesting = ("execute", "executemany", "loads", "dumps", "wait", "set", "notify", "acquire", "select",

@@ -180,8 +180,9 @@ def base_env(**extra) -> dict:
 class IpcdDaemon:
     """`python -m ipcd start` with its own config in a private temp dir (as tests/conftest.py)."""
 
-    def __init__(self, root: Path, durability: str, extra: str = ""):
+    def __init__(self, root: Path, durability: str, extra: str = "", src: Path | None = None):
         self.root = root
+        self.src = src  # run the daemon from another source tree (--baseline)
         self.durability = durability
         root.mkdir(parents=True, exist_ok=True)
         self.sock_path = root / "run" / "ipcd.sock"
@@ -197,7 +198,10 @@ class IpcdDaemon:
 
     @property
     def env(self) -> dict:
-        return base_env(IPCD_CONFIG=str(self.config_path))
+        env = base_env(IPCD_CONFIG=str(self.config_path))
+        if self.src is not None:
+            env["PYTHONPATH"] = str(self.src) + os.pathsep + env["PYTHONPATH"]
+        return env
 
     @property
     def pid(self) -> int:
@@ -338,10 +342,10 @@ def _next_name(prefix: str) -> str:
 class IpcdAdapter:
     kind = "ipcd"
 
-    def __init__(self, daemon: IpcdDaemon, variant: str = "piggyback"):
+    def __init__(self, daemon: IpcdDaemon, variant: str = "piggyback", prefix: str = ""):
         self.d, self.variant = daemon, variant
         self.durability = daemon.durability
-        self.label = "ipcd recv_many(ack=prev)" if variant == "piggyback" else "ipcd recv + ack"
+        self.label = prefix + ("ipcd recv_many(ack=prev)" if variant == "piggyback" else "ipcd recv + ack")
         self.srv_pid = daemon.pid
 
     def supports(self, nprod, ncons):
@@ -856,6 +860,7 @@ class Suite:
         self.res = Results()
         self.tmp = Path(tempfile.mkdtemp(prefix="ipcd-b-", dir="/tmp"))
         self.daemons: dict[str, IpcdDaemon] = {}
+        self.baselines: dict[str, IpcdDaemon] = {}  # --baseline: the same daemons from older code
         self.redis: dict[str, RedisServer] = {}
         self.relay: RelayServer | None = None
         self.redis_why = "--smoke runs without Redis" if (self.smoke or args.no_redis) else redis_usable()
@@ -871,6 +876,11 @@ class Suite:
             dm = IpcdDaemon(self.tmp / f"i-{d}", d)
             log(f"starting ipcd durability={d} ({dm.start():.2f} s to READY, pid {dm.pid})")
             self.daemons[d] = dm
+            if self.args.baseline and need_stream:
+                bm = IpcdDaemon(self.tmp / f"base-{d}", d, src=self.args.baseline)
+                log(f"starting baseline ipcd ({self.args.baseline}) durability={d} "
+                    f"({bm.start():.2f} s to READY, pid {bm.pid})")
+                self.baselines[d] = bm
         if not need_stream:
             return
         self.relay = RelayServer(self.tmp / "relay")
@@ -885,9 +895,10 @@ class Suite:
             log(f"Redis skipped: {self.redis_why}")
 
     def stop_backends(self):
-        for d in list(self.daemons.values()):
+        for d in list(self.daemons.values()) + list(self.baselines.values()):
             d.stop()
         self.daemons.clear()
+        self.baselines.clear()
         for r in list(self.redis.values()):
             r.stop()
         self.redis.clear()
@@ -900,6 +911,8 @@ class Suite:
         for d in self.durabilities:
             for v in variants:
                 out.append(IpcdAdapter(self.daemons[d], v))
+                if d in self.baselines:
+                    out.append(IpcdAdapter(self.baselines[d], v, prefix="baseline "))
         for d in self.durabilities:
             if d in self.redis:
                 out.append(RedisAdapter(self.redis[d], d))
@@ -1507,6 +1520,10 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of: {', '.join(SCENARIOS)} (or 1-7)")
     p.add_argument("--smoke", action="store_true", help="tiny run for CI: few hundred messages, 1 run, no Redis")
     p.add_argument("--no-redis", action="store_true", help="leave Redis out even if installed")
+    p.add_argument("--baseline", type=Path, metavar="SRC",
+                   help="also run the streaming and round-trip scenarios against daemons started from "
+                        "this source tree (e.g. `git worktree add /tmp/base HEAD~1` then /tmp/base/src), "
+                        "interleaved with the current code: before/after in one run")
     a = p.parse_args(argv)
     wanted = []
     for s in a.scenarios.split(","):
@@ -1519,6 +1536,10 @@ def parse_args(argv=None):
         a.runs = 1 if a.smoke else 3
     if a.runs < 1:
         p.error("--runs must be >= 1")
+    if a.baseline is not None:
+        a.baseline = a.baseline.resolve()
+        if not (a.baseline / "ipcd" / "__init__.py").is_file():
+            p.error(f"--baseline {a.baseline}: no ipcd package there (give the src/ folder of a checkout)")
     return a
 
 

@@ -286,7 +286,7 @@ class Daemon:
         registry = {"queue": (self.hub.stdlib_queue, ("put", "get", "qsize"), None, None)}
         ops = self.hub.ops()
         ops["status"] = self.status
-        self.server = HardenedServer(self.sock, authkey, registry, ops, self.limits())
+        self.server = HardenedServer(self.sock, authkey, registry, ops, self.limits(), self.hub)
         self.server.serve_in_thread()
         self.sinks = Sinks(self.hub)
         self.sinks.apply(self.config)

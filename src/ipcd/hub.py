@@ -27,7 +27,7 @@ MAX_BATCH = 10_000  # messages per get/ack/nack request
 MAX_TIMEOUT = 366 * 86400.0
 
 
-def _timeout(value, what="timeout"):
+def check_timeout(value, what="timeout"):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMEOUT:
@@ -35,10 +35,17 @@ def _timeout(value, what="timeout"):
     return float(value)
 
 
-def _count(value, what, lo=1, hi=MAX_BATCH):
+def check_count(value, what, lo=1, hi=MAX_BATCH):
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise errors.DataError(f"{what} must be an integer from {lo} to {hi}")
     return value
+
+
+def check_lease(value):
+    lease = check_timeout(value, "lease")
+    if lease is not None and not 0 < lease <= 86400:
+        raise errors.DataError("lease must be between 0 and 86400 seconds")
+    return lease
 
 
 class Hub:
@@ -58,6 +65,9 @@ class Hub:
         self.history = History(lambda name: self._queues[name].settings.history, clock=clock)
         self.rates = Rates(clock)
         self.subscribe(self.history.record)
+        # Called (under the queue's lock, from any thread) when a queue gains ready
+        # messages or room: the session loop's wake-up (sessions.SessionLoop.queue_changed).
+        self.on_change = None
 
     # -- registry ------------------------------------------------------------
 
@@ -105,10 +115,19 @@ class Hub:
                 new = type(new)(**{**new.__dict__, "durability": q.settings.durability})
             q.settings = new
             with q.lock:
-                q.not_full.notify_all()
+                q._signal_room()
         return needs_restart
 
     # -- lifecycle -------------------------------------------------------------
+
+    def changed(self, q: Queue):
+        cb = self.on_change
+        if cb is not None:
+            cb(q)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def check_running(self):
         if self._stopping:
@@ -120,8 +139,8 @@ class Hub:
         self.history.stop()
         for q in list(self._queues.values()):
             with q.lock:
-                q.not_empty.notify_all()
-                q.not_full.notify_all()
+                q._signal_ready()
+                q._signal_room()
                 # Leased messages become ready at the next start; keep the attempt their
                 # current delivery used, so max_attempts still counts it (queued writes
                 # are flushed when the store closes).
@@ -190,7 +209,7 @@ class Hub:
     def dead_list(self, queue, limit=100):
         q = self.queue(queue)
         dq = self.queue(q.name + DEAD_SUFFIX)
-        limit = _count(limit, "limit", 1, MAX_BATCH)
+        limit = check_count(limit, "limit", 1, MAX_BATCH)
         rows = dq.store.fetch(dq.name, 0, limit)
         return [(r.id, r.body, r.attempts, r.enqueued_at, r.reason) for r in rows]
 
@@ -221,27 +240,25 @@ class Hub:
     def put_many(self, queue, bodies, timeout=None):
         if isinstance(bodies, list) and len(bodies) > MAX_BATCH:
             raise errors.DataError(f"at most {MAX_BATCH} messages per request")
-        ids = self.queue(queue).put_many(bodies, _timeout(timeout))
+        ids = self.queue(queue).put_many(bodies, check_timeout(timeout))
         if log.isEnabledFor(logging.DEBUG):  # per-message lines: only when asked for (cheap otherwise)
-            log.debug("queue %s: sent %d message(s), id %s", queue, len(ids), _span(ids))
+            log.debug("queue %s: sent %d message(s), id %s", queue, len(ids), span(ids))
         return ids
 
     def get_many(self, queue, max_n=1, timeout=None, lease=None, ack=None):
         q = self.queue(queue)
         if ack:
             q.ack(ack)
-        lease = _timeout(lease, "lease")
-        if lease is not None and not 0 < lease <= 86400:
-            raise errors.DataError("lease must be between 0 and 86400 seconds")
-        got = [tuple(d) for d in q.get_many(_count(max_n, "max_n"), _timeout(timeout), lease)]
+        lease = check_lease(lease)
+        got = [tuple(d) for d in q.get_many(check_count(max_n, "max_n"), check_timeout(timeout), lease)]
         if got and log.isEnabledFor(logging.DEBUG):
-            log.debug("queue %s: delivered %d message(s), id %s", q.name, len(got), _span([d[0] for d in got]))
+            log.debug("queue %s: delivered %d message(s), id %s", q.name, len(got), span([d[0] for d in got]))
         return got
 
     def ack(self, queue, items):
         n = self.queue(queue).ack(items)
         if n and log.isEnabledFor(logging.DEBUG):
-            log.debug("queue %s: acked %d message(s), id %s", queue, n, _span([i[0] for i in items]))
+            log.debug("queue %s: acked %d message(s), id %s", queue, n, span([i[0] for i in items]))
         return n
 
     def nack(self, queue, items, delay=0.0, reason=None):
@@ -249,17 +266,17 @@ class Hub:
             raise errors.DataError("reason must be a string")
         n = self.queue(queue).nack(items, delay, reason[:2000] if reason else None)
         if n and log.isEnabledFor(logging.DEBUG):
-            log.debug("queue %s: nacked %d message(s), id %s", queue, n, _span([i[0] for i in items]))
+            log.debug("queue %s: nacked %d message(s), id %s", queue, n, span([i[0] for i in items]))
         return n
 
     def touch(self, queue, items, seconds=None):
-        return self.queue(queue).touch(items, _timeout(seconds, "seconds"))
+        return self.queue(queue).touch(items, check_timeout(seconds, "seconds"))
 
     def release(self, queue, items):
         return self.queue(queue).release_for_shutdown(items)
 
     def peek(self, queue, n=10):
-        return [tuple(d) for d in self.queue(queue).peek(_count(n, "n"))]
+        return [tuple(d) for d in self.queue(queue).peek(check_count(n, "n"))]
 
     def purge(self, queue, dead=False):
         q = self.queue(queue)
@@ -288,7 +305,7 @@ class Hub:
         if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
             raise errors.DataError("after must be a sequence number >= 0")
         self.check_running()
-        return self.history.query(queue, _count(n, "n"), after, _timeout(timeout))
+        return self.history.query(queue, check_count(n, "n"), after, check_timeout(timeout))
 
     def ops(self) -> dict:
         return {
@@ -305,7 +322,7 @@ class Hub:
         return StdlibQueue(self, self.queue(name).name)
 
 
-def _span(ids) -> str:
+def span(ids) -> str:
     """'7' or '7..12' (first..last) for a DEBUG line: never the whole list."""
     return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}" if ids else "-"
 
@@ -330,7 +347,7 @@ class StdlibQueue:
 
     def get(self, block=True, timeout=None):
         q = self._hub.queue(self._name)
-        got = q.get_many(1, _timeout(timeout) if block else 0.0, None)
+        got = q.get_many(1, check_timeout(timeout) if block else 0.0, None)
         if not got:
             raise stdqueue.Empty
         d = got[0]

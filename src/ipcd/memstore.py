@@ -13,7 +13,7 @@ import threading
 from typing import Iterable
 
 from ipcd.errors import Unavailable
-from ipcd.store import NewItem, OnCommit, Row, _full_error, _new_rows, body_size
+from ipcd.store import Done, NewItem, OnCommit, Row, _full_error, _new_rows, body_size
 
 
 class MemoryStore:
@@ -56,7 +56,20 @@ class MemoryStore:
                     for q, d in self._by_queue.items() if d}
 
     def append(self, items: list[NewItem], *, sync: bool = False,
-               on_commit: OnCommit | None = None) -> list[Row]:
+               on_commit: OnCommit | None = None, done: Done | None = None) -> list[Row] | None:
+        """As SqliteStore.append; *done* is called before this returns (nothing to wait for)."""
+        if done is None:
+            return self._append(items, on_commit)
+        self._locked()  # a closed store raises, as SqliteStore's does
+        try:
+            rows = self._append(items, on_commit)
+        except Exception as exc:
+            done(None, exc)
+        else:
+            done(rows, None)
+        return None
+
+    def _append(self, items: list[NewItem], on_commit: OnCommit | None) -> list[Row]:
         if not items:
             return []
         with self._locked():
@@ -86,9 +99,13 @@ class MemoryStore:
         with self._locked():
             return [self._rows[i] for i in sorted(set(ids)) if i in self._rows]
 
-    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
+    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True,
+               done: Done | None = None) -> int:
         with self._locked():
             n = self._delete(set(ids))
+        if done is not None:
+            done(n, None)
+            return 0
         return n if wait else 0
 
     def _delete(self, ids: Iterable[int]) -> int:
@@ -113,6 +130,9 @@ class MemoryStore:
         with self._locked():
             ids = list(self._by_queue.get(queue, ()))
             return self._delete([i for i in ids if max_id is None or i <= max_id])
+
+    def flush(self, background: bool = False) -> None:
+        """Nothing is ever queued here."""
 
     def size_on_disk(self) -> int:
         return 0

@@ -96,7 +96,8 @@ class Queue:
         self.lease_heap: list[tuple[float, int, int]] = []  # (expires, id, token)
         self.purge_epoch = 0  # see _settle
         self.moving: set[int] = set()  # ids being re-homed: refills must skip them
-        self.waiting = 0
+        self.waiting = 0  # consumers waiting (threads and parked sessions): for stats
+        self._blocked = 0  # threads in not_empty.wait / not_full.wait (stdlib path)
         self.totals = dict(sent=0, received=0, acked=0, nacked=0, redelivered=0, dead=0)
 
     @property
@@ -106,6 +107,24 @@ class Queue:
     # -- sending -----------------------------------------------------------
 
     def put_many(self, bodies: list, timeout: float | None) -> list[int]:
+        """Store a batch, waiting up to *timeout* for room (blocking: threaded callers)."""
+        n, total = self.admit(bodies)
+        deadline = None if timeout is None else self.clock() + timeout
+        with self.lock:
+            while not self._reserve_locked(n, total):
+                self.hub.check_running()
+                left = None if deadline is None else deadline - self.clock()
+                if left is not None and left <= 0:
+                    raise self.full_error(timeout)
+                self._blocked += 1
+                try:
+                    self.not_full.wait(left if left is not None else 1.0)
+                finally:
+                    self._blocked -= 1
+        return self.append_reserved(bodies, n, total)
+
+    def admit(self, bodies) -> tuple[int, int]:
+        """Validate a batch; return (messages, bytes).  QueueFull if it can never fit."""
         s = self.settings
         if not isinstance(bodies, list) or not bodies:
             raise errors.DataError("put_many needs a non-empty list of messages")
@@ -115,33 +134,65 @@ class Queue:
         if n > s.max_messages or total > s.max_bytes:
             raise errors.QueueFull(f"a batch of {n} messages / {total} bytes can never fit queue "
                                    f"'{self.name}' (max_messages={s.max_messages}, max_bytes={s.max_bytes})")
-        deadline = None if timeout is None else self.clock() + timeout
+        return n, total
+
+    def try_reserve(self, n: int, total: int) -> bool:
+        """Reserve room without waiting: False when full and overflow = "block"."""
         with self.lock:
-            while (self.count + self.reserved_n + n > s.max_messages
-                   or self.nbytes + self.reserved_b + total > s.max_bytes):
-                self.hub.check_running()
-                left = None if deadline is None else deadline - self.clock()
-                if s.overflow == "reject" or (left is not None and left <= 0):
-                    waited = "" if s.overflow == "reject" else f" after waiting {timeout:g} s"
-                    raise errors.QueueFull(
-                        f"queue '{self.name}' is full{waited} (max_messages={s.max_messages}, "
-                        f"max_bytes={s.max_bytes}, overflow={s.overflow})")
-                self.not_full.wait(left if left is not None else 1.0)
-            self.reserved_n += n
-            self.reserved_b += total
+            return self._reserve_locked(n, total)
+
+    def _reserve_locked(self, n, total) -> bool:
+        s = self.settings
+        if (self.count + self.reserved_n + n > s.max_messages
+                or self.nbytes + self.reserved_b + total > s.max_bytes):
+            if s.overflow == "reject":
+                raise self.full_error(None)
+            return False
+        self.reserved_n += n
+        self.reserved_b += total
+        return True
+
+    def full_error(self, timeout: float | None) -> errors.QueueFull:
+        s = self.settings
+        waited = "" if s.overflow == "reject" or timeout is None else f" after waiting {timeout:g} s"
+        return errors.QueueFull(f"queue '{self.name}' is full{waited} (max_messages={s.max_messages}, "
+                                f"max_bytes={s.max_bytes}, overflow={s.overflow})")
+
+    def _unreserve(self, n, total):
+        with self.lock:
+            self.reserved_n -= n
+            self.reserved_b -= total
+            self._signal_room()
+
+    def append_reserved(self, bodies: list, n: int, total: int, done=None) -> list[int] | None:
+        """Store a batch whose room was reserved; return its ids, or with *done* report
+        ``(ids, error)`` to it once committed (the session loop; see store.append)."""
         now = self.wall()
         items = [(self.name, b, now, 0, 0.0, None) for b in bodies]
+        sync = self.settings.durability == "fsync"
+        on_commit = lambda rows: self._on_commit(rows, total)  # noqa: E731
+        if done is None:
+            try:
+                rows = self.store.append(items, sync=sync, on_commit=on_commit)
+            except BaseException:
+                self._unreserve(n, total)
+                raise
+            self.totals["sent"] += n
+            return [r.id for r in rows]
+
+        def finished(rows, error):
+            if error is not None:
+                self._unreserve(n, total)
+                done(None, error)
+            else:
+                self.totals["sent"] += n
+                done([r.id for r in rows], None)
         try:
-            rows = self.store.append(items, sync=s.durability == "fsync",
-                                     on_commit=lambda rows: self._on_commit(rows, total))
+            self.store.append(items, sync=sync, on_commit=on_commit, done=finished)
         except BaseException:
-            with self.lock:
-                self.reserved_n -= n
-                self.reserved_b -= total
-                self.not_full.notify_all()
+            self._unreserve(n, total)
             raise
-        self.totals["sent"] += n
-        return [r.id for r in rows]
+        return None
 
     def _on_commit(self, rows, total):
         """Store thread, right after the commit that made *rows* durable."""
@@ -155,7 +206,7 @@ class Queue:
                     self._make_ready(row)
                     self.cursor = row.id
                 self.high = max(self.high, row.id)
-            self.not_empty.notify(len(rows))
+            self._signal_ready(len(rows))
         self.hub.publish(self.name, rows)
 
     def insert_moved(self, rows, sizes):
@@ -169,7 +220,7 @@ class Queue:
                 else:
                     self.high = max(self.high, row.id)
                 self.moving.discard(row.id)
-            self.not_empty.notify(len(rows))
+            self._signal_ready(len(rows))
 
     # -- receiving ---------------------------------------------------------
 
@@ -189,9 +240,22 @@ class Queue:
                     left = None if deadline is None else deadline - self.clock()
                     if left is not None and left <= 0:
                         return []
-                    self.not_empty.wait(1.0 if left is None else min(left, 1.0))
+                    self._blocked += 1
+                    try:
+                        self.not_empty.wait(1.0 if left is None else min(left, 1.0))
+                    finally:
+                        self._blocked -= 1
             finally:
                 self.waiting -= 1
+
+    def try_get(self, max_n: int, lease_seconds: float | None) -> list[Delivery]:
+        """Deliver what is ready now, without waiting (the session loop parks on [])."""
+        lease_s = self.settings.lease_seconds if lease_seconds is None else lease_seconds
+        with self.lock:
+            self.hub.check_running()
+            while not self.ready and self.cursor < self.high and not self.refilling:
+                self._refill_locked()
+            return self._deliver_locked(max_n, lease_s) if self.ready else []
 
     def _refill_locked(self):
         self.refilling = True
@@ -214,7 +278,23 @@ class Queue:
             self.cursor = max(self.cursor, rows[-1].id)
         if len(rows) < PREFETCH:
             self.cursor = max(self.cursor, snapshot)
-        self.not_empty.notify_all()
+        self._signal_ready()
+
+    def _signal_ready(self, n: int | None = None):
+        """Under the lock: messages became ready.  Wakes threaded waiters, and tells the
+        hub (the session loop retries the sessions parked on this queue)."""
+        if self._blocked:  # Condition.notify costs ~1 us even with nobody waiting
+            if n is None:
+                self.not_empty.notify_all()
+            else:
+                self.not_empty.notify(n)
+        self.hub.changed(self)
+
+    def _signal_room(self):
+        """Under the lock: room was freed (or settings changed)."""
+        if self._blocked:
+            self.not_full.notify_all()
+        self.hub.changed(self)
 
     def _make_ready(self, row):
         if row.id not in self.ready:
@@ -287,24 +367,34 @@ class Queue:
             del self.leases[lease.row.id]
         return leases
 
-    def ack(self, items) -> int:
+    def ack(self, items, done=None) -> int:
+        """Settle deliveries; return how many.  With *done*, a durable delete ("fsync"
+        queues) is not waited for but reported to ``done(error)``; done is called once."""
         with self.lock:
             leases = self._take_leases_locked(items, "ack")
             self._forget_locked([lz.row for lz in leases])
-        if leases:
-            # With "os" durability the delete is not waited for: it is committed with the
-            # next group (or by the store thread within ~0.25 s), and a crash before that
-            # redelivers the message, which at-least-once allows; waiting cost a second
-            # transaction per message (bench/RESULTS.md).  "fsync" queues keep acks durable.
-            fsync = self.settings.durability == "fsync"
-            self.store.delete([lz.row.id for lz in leases], sync=fsync, wait=fsync)
         self.totals["acked"] += len(leases)
+        # With "os" durability the delete is not waited for: it is committed with the
+        # next group (or by the store thread within ~0.25 s), and a crash before that
+        # redelivers the message, which at-least-once allows; waiting cost a second
+        # transaction per message (bench/RESULTS.md).  "fsync" queues keep acks durable.
+        fsync = self.settings.durability == "fsync"
+        ids = [lz.row.id for lz in leases]
+        if done is None:
+            if ids:
+                self.store.delete(ids, sync=fsync, wait=fsync)
+        elif fsync and ids:
+            self.store.delete(ids, sync=True, done=lambda _n, error: done(error))
+        else:
+            if ids:
+                self.store.delete(ids, wait=False)
+            done(None)
         return len(leases)
 
     def _forget_locked(self, rows):
         self.count -= len(rows)
         self.nbytes -= sum(body_size(r.body) for r in rows)
-        self.not_full.notify_all()
+        self._signal_room()
 
     def nack(self, items, delay: float = 0.0, reason: str | None = None) -> int:
         if not isinstance(delay, (int, float)) or not 0 <= delay <= 366 * 86400:
@@ -335,7 +425,7 @@ class Queue:
             leases = self._take_leases_locked(items, "release")
             for lz in leases:
                 self._make_ready(lz.row._replace(attempts=lz.row.attempts - 1))
-            self.not_empty.notify(len(leases))
+            self._signal_ready(len(leases))
         return len(leases)
 
     def _settle(self, rows, delay, reason, epoch):
@@ -358,7 +448,7 @@ class Queue:
                         self._delay(row._replace(not_before=not_before))
                     else:
                         self._make_ready(row)
-                self.not_empty.notify(len(back))
+                self._signal_ready(len(back))
             self.store.update([(r.id, r.attempts, not_before) for r in back], wait=False)
         if dead:
             # Fix (issue 3 tests): the attempts of the last delivery lived only in memory, so
@@ -377,7 +467,7 @@ class Queue:
                     self.nbytes += sum(body_size(r.body) for r in dead)
                     for row in dead:
                         self._make_ready(row)
-                    self.not_empty.notify(len(dead))
+                    self._signal_ready(len(dead))
                 raise
 
     def tick(self, now: float, wall_now: float) -> float | None:
@@ -399,7 +489,7 @@ class Queue:
                     self._make_ready(row._replace(not_before=0.0))
                     promoted += 1
             if promoted:
-                self.not_empty.notify(promoted)
+                self._signal_ready(promoted)
             if len(self.lease_heap) > 2 * len(self.leases) + 64:
                 # Acked leases leave stale heap entries that would wake the main loop once
                 # each when they "expire": drop them in one pass.
@@ -454,7 +544,7 @@ class Queue:
             self.count = self.nbytes = 0
             floor = self.high
             self.cursor = self.high
-            self.not_full.notify_all()
+            self._signal_room()
         self.store.purge(self.name, max_id=floor, sync=self.settings.durability == "fsync")
         return removed
 

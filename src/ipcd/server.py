@@ -37,6 +37,7 @@ import time
 from multiprocessing import managers
 
 from . import errors, wire
+from .sessions import SessionLoop
 
 log = logging.getLogger("ipcd.server")
 
@@ -103,7 +104,7 @@ class HardenedServer(managers.Server):
         "__repr__": lambda self, conn, ident, obj: f"<ipcd {type(obj).__name__}>",
     }
 
-    def __init__(self, listener: socket.socket, authkey: bytes, registry, ops, limits: Limits):
+    def __init__(self, listener: socket.socket, authkey: bytes, registry, ops, limits: Limits, hub):
         # Deliberately not calling Server.__init__: it binds a Listener of its own.
         self.registry = registry
         self.authkey = authkey
@@ -120,15 +121,16 @@ class HardenedServer(managers.Server):
         self.abuse_log = RateLimitedLog(log)  # refused requests, oversized frames, internal errors
         self._conn_lock = threading.Lock()
         self._pending = collections.OrderedDict()  # unauthenticated: conn -> accept time
-        self._active = set()  # authenticated connections
-        self._in_flight = 0
-        self._idle = threading.Condition(self._conn_lock)
+        self._active = set()  # authenticated connections served by a thread (stdlib clients)
+        # ipcd sessions, after their handshake, are served by one event-loop thread.
+        self.loop = SessionLoop(hub, ops, lambda: self.limits, self.abuse_log)
         self.accepted_total = 0
         self.auth_failures = 0
 
     # -- accepting -------------------------------------------------------
 
     def serve_in_thread(self) -> threading.Thread:
+        self.loop.start()
         t = threading.Thread(target=self.accepter, name="ipcd-accept", daemon=True)
         t.start()
         return t
@@ -195,7 +197,7 @@ class HardenedServer(managers.Server):
             return
         with self._conn_lock:
             self._pending.pop(c, None)
-            if len(self._active) >= self.limits.max_connections:
+            if len(self._active) + self.loop.count() >= self.limits.max_connections:
                 full = True
             else:
                 full = False
@@ -256,54 +258,11 @@ class HardenedServer(managers.Server):
     # -- ipcd sessions -----------------------------------------------------
 
     def session(self, c):
-        """Serve ``(op, kwargs)`` requests on this connection until it closes."""
+        """Hand this connection to the session loop (sessions.py), which serves its
+        ``(op, kwargs)`` requests from now on; this thread ends."""
         c.send_obj(("#RETURN", None))
-        limit = self.limits.max_request_bytes
-        while not self.stop_event.is_set():
-            try:
-                request = c.recv_obj(limit)
-            except wire.BadRequest as e:  # the frame was consumed: answer and go on
-                self._refuse_logged(c, e)
-                c.send_obj(("err", e.kind, str(e)))
-                continue
-            with self._conn_lock:
-                self._in_flight += 1
-            try:
-                reply = self._run_op(request)
-                c.send_obj(reply)  # in flight until the reply is out: drain() must not cut it off
-            finally:
-                with self._conn_lock:
-                    self._in_flight -= 1
-                    self._idle.notify_all()
-        raise EOFError  # ends the thread; handle_request closes the connection
-
-    def _run_op(self, request):
-        try:
-            op, kwargs = request
-            func = self.ops.get(op) if isinstance(op, str) else None
-            if func is None:
-                raise errors.UsageError(f"unknown operation {op!r}")
-            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-                raise errors.DataError("operation arguments must be a dict")
-            try:
-                return ("ok", func(**kwargs))
-            except TypeError as e:
-                if "argument" in str(e):
-                    raise errors.DataError(f"bad arguments for {op}: {e}") from None
-                raise
-        except errors.IpcdError as e:
-            return ("err", e.kind, str(e))
-        except (ValueError, TypeError, OverflowError) as e:
-            # OverflowError: a client's out-of-range number reaching C code (e.g. an
-            # id of 10**30 bound into SQLite) is bad data, not a daemon bug.
-            return ("err", "data", f"malformed request: {str(e)[:200]}")
-        except RecursionError:  # e.g. repr() of a list nested 100,000 deep in an error message
-            return ("err", "data", "malformed request: nested too deeply")
-        except Exception as e:
-            # A bug, but one a peer can trigger at will: rate-limit the traceback.
-            op = request[0] if isinstance(request, tuple) and request and isinstance(request[0], str) else "?"
-            self.abuse_log.log(logging.ERROR, "internal error in %.60r", op, exc_info=True)
-            return ("err", "internal", f"internal error: {type(e).__name__}: {str(e)[:200]}")
+        self.loop.adopt(os.dup(c.fileno()), c.peer)
+        raise EOFError  # ends the thread; handle_request closes its copy of the fd
 
     # -- stdlib manager protocol -----------------------------------------
 
@@ -394,8 +353,9 @@ class HardenedServer(managers.Server):
     # -- stopping ----------------------------------------------------------
 
     def stop_accepting(self):
-        """Stop taking connections (main thread, never a signal handler)."""
+        """Stop taking connections and requests (main thread, never a signal handler)."""
         self.stop_event.set()
+        self.loop.begin_stop()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -403,22 +363,19 @@ class HardenedServer(managers.Server):
         self.sock.close()
 
     def drain(self, timeout: float) -> bool:
-        """Wait for in-flight requests to finish, then close every connection."""
-        deadline = time.monotonic() + timeout
-        with self._conn_lock:
-            while self._in_flight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._idle.wait(left)
-            drained = self._in_flight == 0
-            for conn in list(self._active) + list(self._pending):
-                _shutdown(conn)  # under the lock: see _shutdown
+        """Wait up to *timeout* for in-flight session requests to be answered; once they
+        are (or with timeout 0), close every connection.  Returns whether they were."""
+        drained = self.loop.wait_idle(timeout)
+        if drained or timeout <= 0:
+            self.loop.close()
+            with self._conn_lock:
+                for conn in list(self._active) + list(self._pending):
+                    _shutdown(conn)  # under the lock: see _shutdown
         return drained
 
     def counts(self) -> dict:
         with self._conn_lock:
-            return {"connections": len(self._active), "handshaking": len(self._pending),
+            return {"connections": len(self._active) + self.loop.count(), "handshaking": len(self._pending),
                     "accepted_total": self.accepted_total, "auth_failures": self.auth_failures}
 
 

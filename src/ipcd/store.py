@@ -51,6 +51,7 @@ class Row(NamedTuple):
 # (queue, body, enqueued_at, attempts, not_before, reason)
 NewItem = tuple[str, str, float, int, float, str | None]
 OnCommit = Callable[[list[Row]], None]
+Done = Callable[[Any, "BaseException | None"], None]  # (result, error): an op finished
 
 
 def _code(exc: BaseException) -> int | None:
@@ -111,11 +112,11 @@ class _BeginFailed(Exception):
 class _Op:
     """One unit of work for the store thread, and the future its caller waits on."""
 
-    __slots__ = ("kind", "args", "sync", "on_commit", "_lock", "finished", "result", "error")
+    __slots__ = ("kind", "args", "sync", "on_commit", "done", "_lock", "finished", "result", "error")
 
     def __init__(self, kind: str, args: tuple, sync: bool = False,
-                 on_commit: OnCommit | None = None):
-        self.kind, self.args, self.sync, self.on_commit = kind, args, sync, on_commit
+                 on_commit: OnCommit | None = None, done: Done | None = None):
+        self.kind, self.args, self.sync, self.on_commit, self.done = kind, args, sync, on_commit, done
         # A pre-acquired lock, not an Event: an Event builds a Condition (two more locks)
         # per operation, and the leader usually finishes its own op without any wait.
         self._lock = threading.Lock()
@@ -128,6 +129,11 @@ class _Op:
         self.result, self.error = result, error
         self.finished = True
         self._lock.release()
+        if self.done is not None:
+            try:
+                self.done(result, error)
+            except Exception:  # the op's outcome stands; a broken callback must not stop the group
+                logging.getLogger("ipcd.store").exception("store completion callback failed")
 
     def wait(self, timeout: float) -> bool:
         return self.finished or self._lock.acquire(timeout=timeout) or self.finished
@@ -338,10 +344,18 @@ class SqliteStore:
         return self._submit("summary", ())
 
     def append(self, items: list[NewItem], *, sync: bool = False,
-               on_commit: OnCommit | None = None) -> list[Row]:
+               on_commit: OnCommit | None = None, done: Done | None = None) -> list[Row] | None:
+        """Store *items*; with *done*, return at once and report (rows, error) to it later.
+
+        A *done* op is committed by the next flush() or group, or within ~0.25 s by the store
+        thread; only a closed store raises here instead (Unavailable).
+        """
         if not items:
+            if done is not None:
+                done([], None)
             return []
-        return self._submit("append", (list(items),), sync=sync, on_commit=on_commit)
+        return self._submit("append", (list(items),), sync=sync, on_commit=on_commit,
+                            wait=done is None, done=done)
 
     def fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
         return self._submit("fetch", (queue, after_id, limit))
@@ -349,8 +363,15 @@ class SqliteStore:
     def get(self, ids: list[int]) -> list[Row]:
         return self._submit("get", (list(ids),)) if ids else []
 
-    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True) -> int:
-        n = self._submit("delete", (list(ids),), sync=sync, wait=wait) if ids else 0
+    def delete(self, ids: list[int], *, sync: bool = False, wait: bool = True,
+               done: Done | None = None) -> int:
+        """Delete rows; wait=False or *done* (as for append) returns 0 at once."""
+        if not ids:
+            if done is not None:
+                done(0, None)
+            return 0
+        wait = wait and done is None
+        n = self._submit("delete", (list(ids),), sync=sync, wait=wait, done=done)
         return n if wait else 0
 
     def update(self, changes: list[tuple[int, int, float]], *, wait: bool = False) -> None:
@@ -375,11 +396,24 @@ class SqliteStore:
     def maybe_compact(self) -> bool:
         return self._submit("compact", ())
 
+    def flush(self, background: bool = False) -> None:
+        """Commit queued work now: in this thread, unless another thread is already at it
+        (that one then commits it too: see _lead), or with *background* in the store thread.
+
+        The session loop calls this once per round: inline for "os" work (a commit costs
+        less than a thread hand-off), in the background when an fsync is due, so the loop
+        keeps reading requests during the fsync and they form the next group.
+        """
+        if background:
+            self._wake.set()
+        elif not getattr(self._tls, "leading", False):
+            self._lead()
+
     def _submit(self, kind: str, args: tuple, *, sync: bool = False,
-                on_commit: OnCommit | None = None, wait: bool = True) -> Any:
+                on_commit: OnCommit | None = None, wait: bool = True, done: Done | None = None) -> Any:
         if wait and getattr(self._tls, "leading", False):
             raise RuntimeError("store called from an on_commit callback (it would wait on itself)")
-        op = _Op(kind, args, sync, on_commit)
+        op = _Op(kind, args, sync, on_commit, done)
         with self._lock:
             if self._closed:
                 raise Unavailable(f"store {self.path} is closed")
@@ -440,6 +474,10 @@ class SqliteStore:
                     self._fail_queued()
                 finally:
                     self._tls.leading = False
+            # Work queued while we held _owner (during a checkpoint's fsyncs, say) whose
+            # submitter could not lead and does not wait (wait=False, done callbacks):
+            # commit it now, not at the next wake-up 0.25 s later.
+            self._lead()
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the database between bursts, not inside a client's commit.
