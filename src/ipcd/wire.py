@@ -17,8 +17,10 @@ stdlib leaves open (see shared/notes/basemanager.md):
 * the digest comparison is constant-time and there are no ``assert``s that
   ``python -O`` would strip.
 
-This module imports only multiprocessing.connection (not managers, ~40 ms
-heavier), so the CLI's send path stays fast.
+The framing is implemented here rather than by subclassing
+multiprocessing.connection.Connection: importing that module (tempfile, shutil,
+...) cost ~10 ms of every ``ipcd send``; multiprocessing.managers, which the
+daemon needs, is heavier still and never imported by clients.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import select
 import socket
 import struct
 import time
-from multiprocessing import connection as mpc
 
 from . import errors
 
@@ -227,9 +228,11 @@ class FrameTooLarge(FrameError):
 READ_CHUNK = 256 << 10
 
 
-class Conn(mpc.Connection):
-    """A Connection whose reads honour a deadline and a size limit.
+class Conn:
+    """A framed connection on a stream socket fd, reads honouring a deadline and a size limit.
 
+    The wire format and methods of multiprocessing.connection.Connection (send_bytes,
+    recv_bytes, close, fileno) without importing it (see the module docstring).
     ``deadline`` (a time.monotonic() value, or None) bounds every read; it is
     set during the handshake so a silent or trickling peer cannot hold a
     thread, and by clients for a whole request.
@@ -237,6 +240,51 @@ class Conn(mpc.Connection):
 
     deadline: float | None = None
     _poller = None
+
+    def __init__(self, handle: int):
+        self._handle = handle
+
+    def __del__(self):
+        if self._handle is not None:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def fileno(self) -> int:
+        if self._handle is None:
+            raise OSError("handle is closed")
+        return self._handle
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            os.close(handle)
+
+    def _send(self, buf, write=os.write) -> None:
+        view = memoryview(buf)
+        while view:
+            view = view[write(self._handle, view):]
+
+    def send_bytes(self, buf) -> None:
+        n = len(buf)
+        if self._handle is None:
+            raise OSError("handle is closed")
+        if n > 0x7FFFFFFF:
+            self._send(struct.pack("!iQ", -1, n))
+            self._send(buf)
+        elif n > 16384:  # large: no copy (as the stdlib's; Nagle is no concern at this size)
+            self._send(struct.pack("!i", n))
+            self._send(buf)
+        else:  # one write: header and payload in one segment
+            self._send(struct.pack("!i", n) + bytes(buf))
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        buf = self._recv_bytes(maxlength)
+        if buf is None:
+            raise OSError("bad message length")
+        return buf.getvalue()
 
     def _wait_readable(self) -> None:
         left = self.deadline - time.monotonic()
