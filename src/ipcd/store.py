@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import queue as queuelib
@@ -177,6 +178,12 @@ class SqliteStore:
         self._last_checkpoint = time.monotonic()
         self._wal_estimate = 0  # bytes written to the WAL since the last checkpoint (rough)
         self._room_budget, self._room_until = 0, 0.0  # see _disk_has_room
+        # Clean-shutdown summary (see _save_summary): who provides it, whether it can be
+        # trusted this run, the one read at open, and whether meta still holds it.
+        self.summary_source: Callable[[], dict[str, tuple[int, int, int]]] | None = None
+        self._summary_ok = True
+        self._summary: dict[str, tuple[int, int, int]] | None = None
+        self._summary_in_db = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -331,6 +338,8 @@ class SqliteStore:
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                      (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
+        self._summary, self._summary_ok = self._read_summary(conn), True
+        self._summary_in_db = conn.execute("SELECT 1 FROM meta WHERE key = 'summary'").fetchone() is not None
         self._sync_full, self._cap, self._cap_set = False, 0, 0
         if self.max_bytes > 0:
             # Never below what is already there: an over-quota store must still open and drain.
@@ -342,6 +351,47 @@ class SqliteStore:
         if pages != self._cap_set:
             conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchall()
             self._cap_set = pages
+
+    # -- the clean-shutdown summary -------------------------------------------------------------
+    #
+    # Start-up needs each queue's count, bytes and highest id; computing them reads every
+    # body (4.4 s with 10 M stored).  A clean close stores them in meta as the last
+    # transaction, and the first write transaction after the next open deletes them (in
+    # the same transaction), so they are used only while they describe the file exactly.
+    # A crash, a failed op, or a file whose max(id) disagrees falls back to the full scan.
+
+    def _read_summary(self, conn: sqlite3.Connection) -> dict[str, tuple[int, int, int]] | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'summary'").fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+            queues = {str(q): (int(n), int(b), int(top)) for q, (n, b, top) in data["queues"].items()}
+            top = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+            if int(data["max_id"]) != top:
+                raise ValueError(f"max id {data['max_id']} != {top}")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self.log.info("store %s: stored summary unusable (%s); counting messages", self.path, exc)
+            return None
+        return queues
+
+    def _save_summary(self, conn: sqlite3.Connection) -> None:
+        """Under _owner, at close, after the last queued op: store the caller's summary."""
+        if self.summary_source is None or not self._summary_ok:
+            return
+        try:
+            queues = self.summary_source()
+            if queues is None:  # the caller's counts are in flux: better no summary
+                return
+            top = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+            text = json.dumps({"max_id": top, "queues": queues})
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('summary', ?)", (text,))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, ValueError, TypeError) as exc:  # costs the next start a scan only
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.log.warning("store %s: could not save the queue summary: %s", self.path, exc)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -535,9 +585,12 @@ class SqliteStore:
     def _fail_queued(self) -> None:
         while True:
             try:
-                self._q.get_nowait().finish(error=Unavailable(f"store {self.path} is closed"))
+                op = self._q.get_nowait()
             except queuelib.Empty:
                 return
+            if op.kind in _WRITES:
+                self._summary_ok = False
+            op.finish(error=Unavailable(f"store {self.path} is closed"))
 
     def _shutdown(self) -> None:
         """Under _owner: final checkpoint, close the connection, stop the thread."""
@@ -545,6 +598,7 @@ class SqliteStore:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._save_summary(conn)
         try:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:  # the WAL stays and is replayed at the next open
@@ -648,8 +702,11 @@ class SqliteStore:
             raise _BeginFailed() from exc
         cur = conn.cursor()
         try:
+            if self._summary_in_db:  # this write makes the stored summary stale
+                cur.execute("DELETE FROM meta WHERE key = 'summary'")
             results = [getattr(self, "_w_" + op.kind)(cur, *op.args) for op in ops]
             conn.execute("COMMIT")
+            self._summary_in_db = False
         except BaseException:
             if conn.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
                 try:
@@ -682,6 +739,8 @@ class SqliteStore:
             op.finish(result)
 
     def _fail(self, op: _Op, exc: BaseException) -> None:
+        if op.kind in _WRITES:  # the caller's counts may no longer match the file
+            self._summary_ok = False
         if isinstance(exc, _BeginFailed):
             exc = exc.__cause__
         if _is_full(exc):
@@ -753,6 +812,11 @@ class SqliteStore:
             (queue, after_id, limit))))
 
     def _r_summary(self) -> dict[str, tuple[int, int, int]]:
+        if self._summary is not None:  # see _read_summary; good for the first call only
+            summary, self._summary = self._summary, None
+            self.log.info("store %s: queue counts taken from the summary saved at the last clean "
+                          "stop (%d queue(s))", self.path, len(summary))
+            return summary
         return {q: (n, size or 0, top) for q, n, size, top in self._conn.execute(
             "SELECT queue, count(*), sum(length(CAST(body AS BLOB))), max(id) "
             "FROM messages GROUP BY queue")}

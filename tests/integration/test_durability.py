@@ -96,6 +96,34 @@ def test_sigterm_keeps_queued_and_leased_messages(make_daemon):
         assert c.recv("q", timeout=0.2) is None
 
 
+def test_restart_after_a_clean_stop_uses_the_saved_counts_and_a_crash_recounts(make_daemon):
+    d = make_daemon().start()
+    with d.client() as c:
+        c.send_many("q", [{"n": i, "pad": "é" * i} for i in range(40)])
+        c.send_many("r", list(range(7)))
+        held = c.recv_many("q", 6, timeout=T, lease=300)
+        c.ack(held[:2])
+        before = {s["name"]: (s["ready"] + s["leased"] + s["delayed"], s["bytes"]) for s in c.stats()}
+    assert before == {"q": (38, before["q"][1]), "r": (7, before["r"][1])}
+    assert d.stop() == 0
+    summary_line = "queue counts taken from the summary saved at the last clean stop"
+
+    d.start()
+    assert d.stderr().count(summary_line) == 1
+    with d.client() as c:
+        after = {s["name"]: (s["ready"] + s["leased"] + s["delayed"], s["bytes"]) for s in c.stats()}
+        assert after == before
+        c.send("q", {"n": "late"})  # a write: the saved counts are stale from here on
+    d.kill9()
+
+    d.start()
+    assert d.stderr().count(summary_line) == 1  # not used again: counted from the messages
+    with d.client() as c:
+        st = c.stats("q")[0]
+        assert st["ready"] + st["leased"] + st["delayed"] == 39
+        assert len(_drain(c, "q")) == 39
+
+
 # -- 7. corrupt store ------------------------------------------------------------------------
 
 

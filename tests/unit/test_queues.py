@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 
 import pytest
@@ -215,3 +216,58 @@ def test_settle_after_a_concurrent_purge_does_not_resurrect_the_message(tmp_path
     q._settle([row], 0.0, "lease expired", epoch)
     assert hub.get_many("q", 1, timeout=0) == []
     assert hub.stats("q")[0]["ready"] == 0
+
+
+def _counts(hub):
+    return {s["name"]: (s["ready"] + s["leased"] + s["delayed"], s["bytes"]) for s in hub.stats()}
+
+
+def test_clean_close_saves_a_summary_the_next_open_uses_once(tmp_path):
+    toml = "[queues.p]\nmax_attempts = 1\n"
+    hub, clock, wall = make_hub(tmp_path, toml, durable=True)
+    store = hub.stores["os"]
+    hub.put_many("a", bodies(30))
+    hub.put_many("b", [json.dumps("é" * 50)] * 3)  # bytes are UTF-8 bytes, not characters
+    got = hub.get_many("a", 5, timeout=0)
+    hub.ack("a", [(d[0], d[1]) for d in got[:2]])  # 3 stay leased
+    hub.nack("a", [(got[2][0], got[2][1])], delay=60)  # 1 delayed
+    hub.put_many("p", bodies(2))
+    poison = hub.get_many("p", 1, timeout=0)[0]
+    hub.nack("p", [(poison[0], poison[1])])  # dead-lettered to p.dead
+    hub.put_many("gone", bodies(4))
+    hub.purge("gone")
+    before = {k: v for k, v in _counts(hub).items() if v[0]}
+    scanned = store.load_summary()  # the full count, for comparison
+    assert {k: v[:2] for k, v in scanned.items()} == before
+    store.close()  # saves the summary
+
+    reopened = SqliteStore(str(tmp_path / "q.db"))
+    reopened.open()
+    assert reopened._summary is not None and reopened._summary_in_db
+    saved = reopened.load_summary()
+    assert {k: v[:2] for k, v in saved.items()} == before
+    assert all(saved[k][2] >= scanned[k][2] for k in saved)  # highest id: an upper bound is enough
+    assert reopened._summary is None  # used once: the next call counts
+    assert {k: v[:2] for k, v in reopened.load_summary().items()} == before
+    reopened.append([("a", '"new"', 0.0, 0, 0.0, None)])
+    assert not reopened._summary_in_db  # the first write removed it, in its own transaction
+    reopened.close()  # no summary_source (no hub): nothing saved
+
+    third = SqliteStore(str(tmp_path / "q.db"))
+    third.open()
+    assert third._summary is None  # as after a crash: counted from the messages
+    third.close()
+
+
+def test_a_failed_write_means_no_summary_at_close(tmp_path):
+    hub, clock, wall = make_hub(tmp_path, durable=True)
+    store = hub.stores["os"]
+    hub.put_many("a", bodies(3))
+    with pytest.raises(sqlite3.Error):  # a write that fails (here: an id SQLite cannot bind)
+        store.delete([object()])
+    store.close()
+    again = SqliteStore(str(tmp_path / "q.db"))
+    again.open()
+    assert again._summary is None
+    assert {k: v[0] for k, v in again.load_summary().items()} == {"a": 3}
+    again.close()
