@@ -304,6 +304,10 @@ class Daemon:
         next_status = time.monotonic() + 5
         next_compact = time.monotonic() + 60
         while True:
+            if not self.server.loop.alive():  # its last words are in the log (CRITICAL)
+                log.critical("the session loop has stopped; exiting so that the service manager "
+                             "restarts ipcd (stored messages are safe)")
+                return int(errors.ExitCode.FAILURE)
             wait = self.hub.tick()
             now = time.monotonic()
             if self.notifier.watchdog_interval:
@@ -334,12 +338,13 @@ class Daemon:
                 log.info("reopened log and sink files")
 
     def server_alive(self) -> bool:
-        """The accepter thread still answers: a wedged server must stop the watchdog pings."""
+        """The accepter answers a handshake and the session loop runs: a wedged server must
+        stop the watchdog pings."""
         try:
             wire.connect(self.server_address(), self.authkey, timeout=2.0).close()
         except errors.IpcdError:
             return False
-        return True
+        return self.server.loop.responsive(2.0)
 
     def server_address(self):
         kind, addr = paths.parse_address(self.config.address)

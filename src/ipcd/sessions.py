@@ -150,6 +150,16 @@ class SessionLoop:
     def count(self) -> int:
         return len(self._sessions)
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def responsive(self, timeout: float) -> bool:
+        """Whether the loop runs posted work within *timeout* (the watchdog's check:
+        a loop stuck in a call never returns to select(), though its thread lives)."""
+        ran = threading.Event()
+        self._post(ran.set)
+        return ran.wait(timeout)
+
     def queue_changed(self, q):
         self._changed.append(q)
         self._wake()
@@ -223,8 +233,9 @@ class SessionLoop:
         finally:
             self._ident = None
             self.sel.close()
-            for fd in (self._rfd, self._wfd):
-                os.close(fd)
+            # The wake-up pipe stays open: another thread may still call _wake(), and a
+            # closed fd number can be reused by a socket or the store file, which would then
+            # get the wake-up byte.  Two fds, once per daemon.
 
     def _settle(self) -> bool:
         """Run what this round produced; True if there may be more."""
