@@ -18,7 +18,7 @@ import time
 from . import errors
 from .config import validate_queue_name
 from .queues import DEAD_SUFFIX, Queue
-from .store import body_size
+from .store_file import body_size
 from .watch import History, Rates
 
 log = logging.getLogger("ipcd.hub")

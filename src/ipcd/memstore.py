@@ -13,7 +13,7 @@ import threading
 from typing import Iterable
 
 from ipcd.errors import Unavailable
-from ipcd.store import Done, NewItem, OnCommit, Row, _full_error, _new_rows, body_size
+from ipcd.store_file import Done, NewItem, OnCommit, Row, body_size, full_error, new_rows
 
 
 class MemoryStore:
@@ -75,10 +75,10 @@ class MemoryStore:
         with self._locked():
             size = sum(body_size(item[1]) for item in items)
             if self.max_bytes and self._bytes + size > self.max_bytes:
-                raise _full_error(f"{self._bytes + size} bytes would exceed "
+                raise full_error(f"{self._bytes + size} bytes would exceed "
                                   f"max_bytes={self.max_bytes}")
             rows = []
-            for row in _new_rows(items):
+            for row in new_rows(items):
                 self._last_id += 1
                 rows.append(self._put(row._replace(id=self._last_id)))
             self._bytes += size

@@ -25,7 +25,7 @@ import time
 from typing import NamedTuple
 
 from . import errors
-from .store import body_size
+from .store_file import body_size
 
 PREFETCH = 512  # ready messages kept in memory per queue
 DEAD_SUFFIX = ".dead"

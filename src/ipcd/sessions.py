@@ -38,10 +38,9 @@ import threading
 import time
 
 from . import errors, wire
-from .hub import MAX_BATCH, check_count, check_lease, check_timeout, span
+from .session_ops import SessionOps
 
 log = logging.getLogger("ipcd.server")
-oplog = logging.getLogger("ipcd.hub")  # per-message DEBUG lines, as Hub's threaded ops write them
 
 _HEADER = struct.Struct("!i")
 _BIG = struct.Struct("!Q")
@@ -101,15 +100,13 @@ class Session:
         self.events = 0  # what the selector watches for (see SessionLoop._watch)
 
 
-class SessionLoop:
+class SessionLoop(SessionOps):
     def __init__(self, hub, ops: dict, limits, abuse_log):
         self.hub = hub
         self.ops = ops  # name -> callable: run in a thread per request
         self.limits = limits  # callable -> server.Limits (reload may replace them)
         self.abuse_log = abuse_log
-        self.inline = {"put_many": self._put_many, "get_many": self._get_many, "ack": self._ack,
-                       "nack": self._plain(hub.nack), "touch": self._plain(hub.touch),
-                       "release": self._plain(hub.release)}
+        self.inline = self._inline_ops(hub)
         self.known = frozenset(self.inline) | frozenset(ops)
         self._rbuf = bytearray(wire.READ_CHUNK)
         self._rview = memoryview(self._rbuf)
@@ -459,12 +456,6 @@ class SessionLoop:
             self._post(lambda: self._reply(s, reply))
         threading.Thread(target=work, name=f"ipcd-op-{op}", daemon=True).start()
 
-    def _plain(self, func):
-        """An operation that never waits: run it and reply."""
-        def handler(s, **kwargs):
-            self._reply(s, ("ok", func(**kwargs)))
-        return handler
-
     # -- waiting for a queue --------------------------------------------------------------
 
     def _park(self, s: Session, q, timeout: float | None, attempt, on_timeout):
@@ -517,90 +508,3 @@ class SessionLoop:
                 on_timeout = s.parked[2]
                 self._unpark(s)
                 on_timeout(s)
-
-    # -- the hot operations ------------------------------------------------------------------
-
-    def _put_many(self, s: Session, queue, bodies, timeout=None):
-        if isinstance(bodies, list) and len(bodies) > MAX_BATCH:
-            raise errors.DataError(f"at most {MAX_BATCH} messages per request")
-        timeout = check_timeout(timeout)
-        q = self.hub.queue(queue)
-        n, total = q.admit(bodies)
-
-        def done(ids, error):
-            if error is None and oplog.isEnabledFor(logging.DEBUG):
-                oplog.debug("queue %s: sent %d message(s), id %s", q.name, len(ids), span(ids))
-            self._post(lambda: self._result(s, ids, error))
-
-        def attempt(s):
-            if not q.try_reserve(n, total):  # raises QueueFull for overflow = "reject"
-                return False
-            if s.parked is not None:
-                self._unpark(s)
-            self._commit_due = True
-            self._fsync_due |= q.settings.durability == "fsync"
-            q.append_reserved(bodies, n, total, done=done)
-            return True
-
-        if not attempt(s):
-            if timeout == 0 or self.hub.stopping:
-                self.hub.check_running()
-                raise q.full_error(timeout)
-            self._park(s, q, timeout, attempt, lambda s: self._result(s, None, q.full_error(timeout)))
-
-    def _get_many(self, s: Session, queue, max_n=1, timeout=None, lease=None, ack=None):
-        q = self.hub.queue(queue)
-        max_n, timeout, lease = check_count(max_n, "max_n"), check_timeout(timeout), check_lease(lease)
-
-        def attempt(s):
-            got = q.try_get(max_n, lease)
-            if not got:
-                return False
-            if s.parked is not None:
-                self._unpark(s)
-            if oplog.isEnabledFor(logging.DEBUG):
-                oplog.debug("queue %s: delivered %d message(s), id %s", q.name, len(got), span([d[0] for d in got]))
-            self._reply(s, ("ok", [tuple(d) for d in got]))
-            return True
-
-        def get(_n=0, error=None):
-            if error is not None:
-                self._result(s, None, error)
-            elif s.closed:
-                self._op_done(s)
-            elif not attempt(s):
-                if timeout == 0:
-                    self._reply(s, ("ok", []))
-                else:
-                    self._park(s, q, timeout, attempt, lambda s: self._reply(s, ("ok", [])))
-
-        if ack:
-            self._ack_then(s, q, ack, get)
-        else:
-            get()
-
-    def _ack(self, s: Session, queue, items):
-        self._ack_then(s, self.hub.queue(queue), items, lambda n, error: self._result(s, n, error))
-
-    def _ack_then(self, s, q, items, then):
-        """Ack *items*, then run ``then(n, error)`` in this thread.
-
-        An "fsync" queue's ack is durable before anything is replied: its delete joins
-        this round's group commit and *then* runs after it.  Otherwise it runs in this
-        round (the delete rides a later commit: see Queue.ack).  Always through _post:
-        the completion may come from another thread that committed the group.
-        """
-        def done(error):
-            self._post(lambda: self._guard(s, then, n, error))  # n is bound by the time the loop runs this
-        n = q.ack(items, done=done)
-        if n and oplog.isEnabledFor(logging.DEBUG):
-            oplog.debug("queue %s: acked %d message(s), id %s", q.name, n, span([i[0] for i in items]))
-        if q.settings.durability == "fsync":
-            self._commit_due = self._fsync_due = True
-
-    def _guard(self, s: Session, fn, *args):
-        """Run a continuation; an error it raises is the session's reply."""
-        try:
-            fn(*args)
-        except Exception as e:
-            self._result(s, None, e)

@@ -8,80 +8,31 @@
 * A failed group is rolled back and each op retried alone: only the op that does not fit
   (disk full, max_bytes) or is bad fails, and deletes in the group still free space.
 * A corrupt file is never overwritten or deleted: it is renamed aside with its -wal/-shm.
+
+The file itself (checks, schema, the SQL of each op, the clean-stop summary) is store_file.py.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import queue as queuelib
 import sqlite3
 import threading
 import time
-import urllib.parse
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-from ipcd.errors import ConfigError, StorageFull, StoreCorrupt, Unavailable
+from ipcd.errors import StoreCorrupt, Unavailable
+from ipcd.store_file import (  # noqa: F401 - Row, body_size, ... are imported from here too
+    SCHEMA_VERSION, WRITERS, Done, NewItem, OnCommit, Row, StoreFile, Summary, body_size,
+    fsize, full_error, is_corrupt, is_full, new_rows, r_count, r_fetch, r_get)
 
-SCHEMA_VERSION = 1
-_MAGIC = b"SQLite format 3\x00"
-_CORRUPT, _FULL, _NOTADB = 11, 13, 26  # primary result codes (sqlite_errorcode & 0xFF)
-_CANT_OPEN = {3, 8, 14}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
-_CHUNK = 500  # ids per IN (...): under SQLITE_MAX_VARIABLE_NUMBER even before 3.32 (999)
 _WAL_CHECKPOINT = 4 << 20  # checkpoint early once about this much was written to the WAL
 _MAX_BATCH = 4096  # ops taken per round: bounds how long one transaction holds every sender
 _CAP_HEADROOM = 256  # pages beyond max_bytes granted to ops that add no message
-_WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL file is cut back to this after a checkpoint
 _WAL_TRUNCATE_AT = 1 << 20  # maybe_compact() returns a WAL bigger than this to the filesystem
-_COLS = "id, queue, body, attempts, enqueued_at, not_before, reason"
 _WRITES = frozenset({"append", "delete", "update", "move", "purge"})
-
-
-class Row(NamedTuple):
-    id: int  # global, increasing in commit order, never reused (AUTOINCREMENT)
-    queue: str
-    body: str  # JSON text, stored as given
-    attempts: int
-    enqueued_at: float  # unix time
-    not_before: float  # 0.0 = deliverable now
-    reason: str | None  # dead-letter reason
-
-
-# (queue, body, enqueued_at, attempts, not_before, reason)
-NewItem = tuple[str, str, float, int, float, str | None]
-OnCommit = Callable[[list[Row]], None]
-Done = Callable[[Any, "BaseException | None"], None]  # (result, error): an op finished
-
-
-def _code(exc: BaseException) -> int | None:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code & 0xFF if isinstance(code, int) else None  # extended code -> primary
-
-
-def _is_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno == errno.ENOSPC
-    return isinstance(exc, sqlite3.Error) and (
-        _code(exc) == _FULL or "database or disk is full" in str(exc))
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, sqlite3.DatabaseError) and (
-        _code(exc) in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text)
-
-
-def _fsize(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _full_error(detail: object) -> StorageFull:
-    return StorageFull(f"store is full: {detail}; messages already accepted are safe")
 
 
 def _incoming(ops) -> int:
@@ -89,21 +40,6 @@ def _incoming(ops) -> int:
     # Not len() blindly: a malformed body must fail its own op in the transaction, not here.
     return sum(sum((len(it[1]) if isinstance(it[1], str) else 0) + 200 for it in op.args[0])
                if op.kind == "append" else 200 for op in ops)
-
-
-def body_size(body: str) -> int:
-    """UTF-8 bytes of a JSON text, the unit of max_bytes and of queue depth in bytes.
-
-    ASCII (most JSON) needs no encoding; this runs on every send, ack and dead letter.
-    A lone surrogate raises UnicodeEncodeError, as encoding would.
-    """
-    return len(body) if body.isascii() else len(body.encode("utf-8"))
-
-
-def _new_rows(items: list[NewItem]) -> list[Row]:
-    """Rows with id 0, normalised as they will read back (REAL columns return floats)."""
-    return [Row(0, q, body, int(att), float(enq), float(nb), reason)
-            for q, body, enq, att, nb, reason in items]
 
 
 class _BeginFailed(Exception):
@@ -155,6 +91,7 @@ class SqliteStore:
         self.path = os.fspath(path)
         self.max_bytes = max_bytes
         self.log = logger or logging.getLogger("ipcd.store")
+        self.file = StoreFile(self.path, self.log)
         self.commits = 0  # write transactions committed (stats; shows group commit working)
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
@@ -178,11 +115,11 @@ class SqliteStore:
         self._last_checkpoint = time.monotonic()
         self._wal_estimate = 0  # bytes written to the WAL since the last checkpoint (rough)
         self._room_budget, self._room_until = 0, 0.0  # see _disk_has_room
-        # Clean-shutdown summary (see _save_summary): who provides it, whether it can be
-        # trusted this run, the one read at open, and whether meta still holds it.
-        self.summary_source: Callable[[], dict[str, tuple[int, int, int]]] | None = None
+        # Clean-stop summary (store_file.py): who provides it, whether it can be trusted
+        # this run, the one read at open, and whether meta still holds it.
+        self.summary_source: Callable[[], Summary | None] | None = None
         self._summary_ok = True
-        self._summary: dict[str, tuple[int, int, int]] | None = None
+        self._summary: Summary | None = None
         self._summary_in_db = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -196,7 +133,7 @@ class SqliteStore:
         with self._lock:
             if not self._closed or (self._thread is not None and self._thread.is_alive()):
                 raise RuntimeError(f"store {self.path} is already open")
-        self._check_file()
+        self.file.check()
         self._conn = self._connect()
         self._q = queuelib.SimpleQueue()
         self._stopping = self._close_requested = False
@@ -222,131 +159,6 @@ class SqliteStore:
         if thread is not None and thread is not threading.current_thread():
             thread.join(self.close_timeout)
 
-    def _check_file(self) -> None:
-        # Read-only: closing a read-write connection checkpoints the WAL into the main file,
-        # which would alter the very bytes we promise to keep if it is corrupt.
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(100)
-        except FileNotFoundError:
-            return
-        if not head:
-            return  # a new WAL database may hold everything in -wal until its first checkpoint
-        if len(head) < 100 or not head.startswith(_MAGIC):
-            # SQLite itself takes a 1..15-byte file for an empty database and would write over it.
-            self._set_aside("not an SQLite database, or truncated inside its header")
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-        detail, conn = "", None
-        try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            rows = conn.execute("PRAGMA quick_check(5)").fetchall()
-            if rows != [("ok",)]:
-                detail = "quick_check: " + "; ".join(str(r[0]) for r in rows)
-        except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
-                raise self._open_error(exc) from exc
-            detail = str(exc)
-        finally:
-            if conn is not None:
-                conn.close()
-        if detail:
-            self._set_aside(detail)
-
-    def _set_aside(self, detail: str) -> None:
-        # Fix (issue 3 tests): quick_check rows contain newlines ("*** in database main ***\n
-        # Page 23: ..."), which turned the daemon's one "Error:" line into several.
-        detail = "; ".join(part.strip() for part in detail.splitlines() if part.strip())
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside, n = f"{self.path}.corrupt-{stamp}", 0
-        while any(os.path.lexists(aside + s) for s in ("", "-wal", "-shm")):
-            n += 1  # rename() would silently replace an earlier saved copy
-            aside = f"{self.path}.corrupt-{stamp}.{n}"
-        # Siblings first: if we die half-way, the corrupt main file is still in place and is
-        # found again at the next start, rather than a stale -wal meeting a new database.
-        for suffix in ("-wal", "-shm", ""):
-            if os.path.lexists(self.path + suffix):
-                os.rename(self.path + suffix, aside + suffix)
-        self.log.error("store %s is corrupt (%s); moved aside to %s", self.path, detail, aside)
-        raise StoreCorrupt(
-            f"store {self.path} is corrupt ({detail}); it was moved aside to {aside} and nothing "
-            f"was deleted. Start again to begin with an empty store; recover messages from the "
-            f"saved file with: sqlite3 {aside} .recover")
-
-    def _open_error(self, exc: BaseException) -> BaseException:
-        if _is_full(exc):
-            return _full_error(exc)
-        if _code(exc) in _CANT_OPEN:
-            return ConfigError(f"cannot open store {self.path}: {exc} (does its directory exist "
-                               "and is it writable by this user?)")
-        return exc
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
-        # check_same_thread=False: opened here, then used only by the store thread.
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self._open_error(exc) from exc
-        try:
-            self._setup(conn)
-        except BaseException as exc:
-            conn.close()
-            if _is_corrupt(exc):
-                self._set_aside(str(exc))
-            err = self._open_error(exc)
-            if err is exc:
-                raise
-            raise err from exc
-        return conn
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
-        # Exclusive locking, set before the first access to the WAL: SQLite then keeps the
-        # WAL index in heap memory (no -shm file) and stops taking and dropping file locks
-        # around every transaction (3 fcntl() calls each).  Measured: 38.6 -> 27.4 us of
-        # CPU per one-message commit (bench/RESULTS.md).  Only the daemon (which holds the
-        # instance lock anyway) opens the store; other processes get "database is locked".
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE").fetchall()
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            # Only possible before the first table exists (later it would need a full VACUUM);
-            # every store with a meta table was therefore created incremental.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        elif "meta" not in tables:
-            raise ConfigError(f"{self.path} is an SQLite database but not an ipcd store (it has "
-                              "no meta table); refusing to use it")
-        else:
-            version = int(one("SELECT value FROM meta WHERE key='schema_version'"))
-            if version > SCHEMA_VERSION:  # not corrupt, so not moved: a newer ipcd can use it
-                raise StoreCorrupt(
-                    f"store {self.path} has schema version {version}, newer than this ipcd "
-                    f"supports ({SCHEMA_VERSION}); the file was left untouched: run a newer "
-                    "ipcd, or point this one at another store")
-        if one("PRAGMA journal_mode=WAL").lower() != "wal":
-            raise ConfigError(f"store {self.path}: SQLite refused WAL mode (network filesystem?)")
-        for pragma in ("synchronous=NORMAL", "foreign_keys=OFF", "cache_size=-16384",  # 16 MiB
-                       "wal_autocheckpoint=0",  # checkpoints run between bursts: see _checkpoint
-                       f"journal_size_limit={_WAL_LIMIT}"):
-            conn.execute("PRAGMA " + pragma)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("""CREATE TABLE IF NOT EXISTS messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0, enqueued_at REAL NOT NULL,
-            not_before REAL NOT NULL DEFAULT 0, reason TEXT)""")
-        conn.execute("CREATE INDEX IF NOT EXISTS messages_queue_id ON messages (queue, id)")
-        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                     (str(SCHEMA_VERSION),))
-        conn.execute("COMMIT")
-        self._summary, self._summary_ok = self._read_summary(conn), True
-        self._summary_in_db = conn.execute("SELECT 1 FROM meta WHERE key = 'summary'").fetchone() is not None
-        self._sync_full, self._cap, self._cap_set = False, 0, 0
-        if self.max_bytes > 0:
-            # Never below what is already there: an over-quota store must still open and drain.
-            pages = max(self.max_bytes // one("PRAGMA page_size"), one("PRAGMA page_count") + 16)
-            self._cap = pages
-            self._set_cap(conn, self._cap)
-
     def _set_cap(self, conn: sqlite3.Connection, pages: int) -> None:
         if pages != self._cap_set:
             conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchall()
@@ -360,20 +172,17 @@ class SqliteStore:
     # the same transaction), so they are used only while they describe the file exactly.
     # A crash, a failed op, or a file whose max(id) disagrees falls back to the full scan.
 
-    def _read_summary(self, conn: sqlite3.Connection) -> dict[str, tuple[int, int, int]] | None:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'summary'").fetchone()
-        if row is None:
-            return None
-        try:
-            data = json.loads(row[0])
-            queues = {str(q): (int(n), int(b), int(top)) for q, (n, b, top) in data["queues"].items()}
-            top = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
-            if int(data["max_id"]) != top:
-                raise ValueError(f"max id {data['max_id']} != {top}")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            self.log.info("store %s: stored summary unusable (%s); counting messages", self.path, exc)
-            return None
-        return queues
+    def _connect(self) -> sqlite3.Connection:
+        conn = self.file.connect()
+        self._summary, self._summary_in_db = self.file.read_summary(conn)
+        self._summary_ok = True
+        self._sync_full, self._cap, self._cap_set = False, 0, 0
+        if self.max_bytes > 0:
+            # Never below what is already there: an over-quota store must still open and drain.
+            one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+            self._cap = max(self.max_bytes // one("PRAGMA page_size"), one("PRAGMA page_count") + 16)
+            self._set_cap(conn, self._cap)
+        return conn
 
     def _save_summary(self, conn: sqlite3.Connection) -> None:
         """Under _owner, at close, after the last queued op: store the caller's summary."""
@@ -381,17 +190,11 @@ class SqliteStore:
             return
         try:
             queues = self.summary_source()
-            if queues is None:  # the caller's counts are in flux: better no summary
-                return
-            top = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
-            text = json.dumps({"max_id": top, "queues": queues})
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('summary', ?)", (text,))
-            conn.execute("COMMIT")
-        except (sqlite3.Error, ValueError, TypeError) as exc:  # costs the next start a scan only
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self.log.warning("store %s: could not save the queue summary: %s", self.path, exc)
+        except Exception:  # a bug in the caller; the next start counts instead
+            self.log.exception("store %s: computing the queue summary failed", self.path)
+            return
+        if queues is not None:  # None: the caller's counts are in flux
+            self.file.save_summary(conn, queues)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -447,7 +250,7 @@ class SqliteStore:
         return self._submit("purge", (queue, max_id), sync=sync)
 
     def size_on_disk(self) -> int:
-        return _fsize(self.path) + _fsize(self.path + "-wal")
+        return fsize(self.path) + fsize(self.path + "-wal")
 
     def maybe_compact(self) -> bool:
         return self._submit("compact", ())
@@ -672,7 +475,7 @@ class SqliteStore:
                 return True  # cannot tell: let SQLite find out
             reserve = min(self.disk_reserve, st.f_blocks * st.f_frsize // 8)
             # x2: the WAL frames now, and the main-file pages a checkpoint copies them to.
-            spare = st.f_bavail * st.f_frsize - (reserve + _fsize(self.path + "-wal") + 2 * incoming)
+            spare = st.f_bavail * st.f_frsize - (reserve + fsize(self.path + "-wal") + 2 * incoming)
             if spare >= 0:
                 self._room_budget, self._room_until = spare // 8, now + 1.0
                 return True
@@ -704,7 +507,7 @@ class SqliteStore:
         try:
             if self._summary_in_db:  # this write makes the stored summary stale
                 cur.execute("DELETE FROM meta WHERE key = 'summary'")
-            results = [getattr(self, "_w_" + op.kind)(cur, *op.args) for op in ops]
+            results = [WRITERS[op.kind](cur, *op.args) for op in ops]
             conn.execute("COMMIT")
             self._summary_in_db = False
         except BaseException:
@@ -717,7 +520,7 @@ class SqliteStore:
         finally:
             # The error travels to the caller with a traceback whose frames hold this
             # cursor: an unfinalized statement turns close() into a "zombie" close that
-            # keeps the exclusive lock (see _setup) until the error is garbage-collected.
+            # keeps the exclusive lock (store_file.StoreFile._setup) until the error is garbage-collected.
             cur.close()
         self.commits += 1
         self._dirty = True
@@ -743,12 +546,12 @@ class SqliteStore:
             self._summary_ok = False
         if isinstance(exc, _BeginFailed):
             exc = exc.__cause__
-        if _is_full(exc):
-            err: BaseException = _full_error(exc)
+        if is_full(exc):
+            err: BaseException = full_error(exc)
             if time.monotonic() - self._full_logged > 10:  # a full disk fails every send: no flood
                 self._full_logged = time.monotonic()
                 self.log.warning("store %s: %s failed: %s", self.path, op.kind, exc)
-        elif _is_corrupt(exc):
+        elif is_corrupt(exc):
             err = StoreCorrupt(f"store {self.path} is corrupt ({exc}); restart ipcd to check it "
                                "and move it aside")
             self.log.error("store %s: %s failed: %s", self.path, op.kind, exc)
@@ -759,67 +562,21 @@ class SqliteStore:
             err.__cause__ = exc
         op.finish(error=err)
 
-    # Writers run inside the group transaction and return their op's result.
-
-    def _w_append(self, cur: sqlite3.Cursor, items: list[NewItem]) -> list[Row]:
-        # Normalised as they will read back (REAL columns return floats); each Row is built
-        # once, with its id (building it twice, via _replace, showed up in batched profiles).
-        params = [(q, body, int(att), float(enq), float(nb), reason) for q, body, enq, att, nb, reason in items]
-        sql = ("INSERT INTO messages (queue, body, attempts, enqueued_at, not_before, reason) "
-               "VALUES (?, ?, ?, ?, ?, ?)")
-        if len(params) == 1:  # unbatched sends: lastrowid saves the extra SELECT
-            cur.execute(sql, params[0])
-            return [Row(cur.lastrowid, *params[0])]
-        cur.executemany(sql, params)
-        # One writer, inside one transaction, AUTOINCREMENT: the batch got consecutive ids
-        # ending at last_insert_rowid() (executemany leaves cursor.lastrowid unset).
-        first = cur.execute("SELECT last_insert_rowid()").fetchone()[0] - len(params) + 1
-        make = Row._make
-        return [make((first + i, *p)) for i, p in enumerate(params)]
-
-    def _w_delete(self, cur: sqlite3.Cursor, ids: list[int]) -> int:
-        cur.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
-        return cur.rowcount  # executemany sums the rows changed
-
-    def _w_update(self, cur: sqlite3.Cursor, changes: list[tuple[int, int, float]]) -> None:
-        cur.executemany("UPDATE messages SET attempts = ?, not_before = ? WHERE id = ?",
-                        [(att, nb, i) for i, att, nb in changes])
-
-    def _w_move(self, cur: sqlite3.Cursor, ids: list[int], queue: str, reason: str | None,
-                reset: bool) -> list[Row]:
-        cur.executemany("UPDATE messages SET queue = ?, reason = ?, attempts = CASE WHEN ? THEN 0 "
-                        "ELSE attempts END WHERE id = ?", [(queue, reason, reset, i) for i in ids])
-        return self._r_get(ids, cur)
-
-    def _w_purge(self, cur: sqlite3.Cursor, queue: str, max_id: int | None) -> int:
-        if max_id is None:
-            return cur.execute("DELETE FROM messages WHERE queue = ?", (queue,)).rowcount
-        return cur.execute("DELETE FROM messages WHERE queue = ? AND id <= ?", (queue, max_id)).rowcount
-
     # Readers run between transactions.
 
-    def _r_get(self, ids: list[int], cur: sqlite3.Cursor | None = None) -> list[Row]:
-        cur, ids, out = cur or self._conn.cursor(), sorted(set(ids)), []
-        for k in range(0, len(ids), _CHUNK):
-            part = ids[k:k + _CHUNK]
-            out += map(Row._make, cur.execute(f"SELECT {_COLS} FROM messages WHERE id IN "
-                                              f"({','.join('?' * len(part))}) ORDER BY id", part))
-        return out
+    def _r_get(self, ids: list[int]) -> list[Row]:
+        return r_get(self._conn.cursor(), ids)
 
     def _r_fetch(self, queue: str, after_id: int, limit: int) -> list[Row]:
-        return list(map(Row._make, self._conn.execute(
-            f"SELECT {_COLS} FROM messages WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
-            (queue, after_id, limit))))
+        return r_fetch(self._conn, queue, after_id, limit)
 
-    def _r_summary(self) -> dict[str, tuple[int, int, int]]:
-        if self._summary is not None:  # see _read_summary; good for the first call only
+    def _r_summary(self) -> Summary:
+        if self._summary is not None:  # saved at the last clean stop: good for the first call only
             summary, self._summary = self._summary, None
             self.log.info("store %s: queue counts taken from the summary saved at the last clean "
                           "stop (%d queue(s))", self.path, len(summary))
             return summary
-        return {q: (n, size or 0, top) for q, n, size, top in self._conn.execute(
-            "SELECT queue, count(*), sum(length(CAST(body AS BLOB))), max(id) "
-            "FROM messages GROUP BY queue")}
+        return r_count(self._conn)
 
     def _r_compact(self) -> bool:
         conn, did = self._conn, False
@@ -831,7 +588,7 @@ class SqliteStore:
             conn.executescript("PRAGMA incremental_vacuum")
             did = True
             self.log.info("store %s: compacted %d free pages of %d", self.path, free, pages)
-        if did or _fsize(self.path + "-wal") > _WAL_TRUNCATE_AT:
+        if did or fsize(self.path + "-wal") > _WAL_TRUNCATE_AT:
             # In WAL mode the main file only shrinks when a checkpoint copies the vacuum back.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return did
