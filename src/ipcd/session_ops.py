@@ -56,7 +56,7 @@ class SessionOps:
             if timeout == 0 or self.hub.stopping:
                 self.hub.check_running()
                 raise q.full_error(timeout)
-            self._park(s, q, timeout, attempt, lambda s: self._result(s, None, q.full_error(timeout)))
+            self._park(s, q, timeout, attempt, lambda s: self._result(s, None, q.full_error(timeout)), "put")
 
     def _get_many(self, s, queue, max_n=1, timeout=None, lease=None, ack=None):
         q = self.hub.queue(queue)
@@ -82,7 +82,7 @@ class SessionOps:
                 if timeout == 0:
                     self._reply(s, ("ok", []))
                 else:
-                    self._park(s, q, timeout, attempt, lambda s: self._reply(s, ("ok", [])))
+                    self._park(s, q, timeout, attempt, lambda s: self._reply(s, ("ok", [])), "get")
 
         if ack:
             self._ack_then(s, q, ack, get)

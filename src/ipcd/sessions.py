@@ -458,10 +458,12 @@ class SessionLoop(SessionOps):
 
     # -- waiting for a queue --------------------------------------------------------------
 
-    def _park(self, s: Session, q, timeout: float | None, attempt, on_timeout):
+    def _park(self, s: Session, q, timeout: float | None, attempt, on_timeout, kind: str):
+        """Wait for *q*: ``attempt(s)`` is retried when it changes (True: served),
+        ``on_timeout(s)`` runs at the deadline.  *kind* is "get" or "put"."""
         self._seq += 1
         s.park_seq = self._seq
-        s.parked = (q, attempt, on_timeout)
+        s.parked = (q, attempt, on_timeout, kind)
         self._waiters.setdefault(q, collections.deque()).append(s)
         with q.lock:
             q.waiting += 1  # `ipcd stats` shows consumers waiting
@@ -479,12 +481,17 @@ class SessionLoop(SessionOps):
         waiters = self._waiters.get(q)
         if not waiters:
             return False
-        did = False
+        did = gets_failed = False
         for _ in range(len(waiters)):
             s = waiters.popleft()
             if s.parked is None or s.closed:
                 continue
-            _q, attempt, _on_timeout = s.parked
+            _q, attempt, _on_timeout, kind = s.parked
+            if kind == "get" and gets_failed:
+                # Receivers of one queue see the same ready messages: once one found none,
+                # the rest would too (a message wakes one waiter, not all N of them).
+                waiters.append(s)
+                continue
             try:
                 done = attempt(s)
             except Exception as e:  # e.g. the daemon is stopping, or the queue's settings changed
@@ -495,6 +502,7 @@ class SessionLoop(SessionOps):
             if done:
                 did = True
             else:
+                gets_failed |= kind == "get"
                 waiters.append(s)
         if not waiters:
             del self._waiters[q]

@@ -8,6 +8,7 @@ Every test runs against a real daemon subprocess over its Unix socket.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -164,3 +165,21 @@ def test_one_thread_serves_every_session(daemon):
     finally:
         for c in clients:
             c.close()
+
+
+def test_megabyte_requests_and_replies_cross_the_loop_intact(daemon):
+    # Frames far larger than a socket buffer: the loop reads a request in many pieces and
+    # writes a reply over many writable events, while other sessions keep being served.
+    bodies = [{"i": i, "blob": chr(ord("a") + i) * (900 << 10)} for i in range(6)]
+    with daemon.client() as c:
+        ids = c.send_many("big", bodies)
+        assert len(ids) == 6
+    slow = session(daemon)
+    os.write(slow.fileno(), frame(("get_many", {"queue": "big", "max_n": 6, "timeout": 5})))
+    time.sleep(0.3)  # the reply (~5.4 MB) sits half-written: the peer is not reading yet
+    with daemon.client() as other:
+        other.send("small", 1)
+        assert other.recv("small", timeout=5).body == 1
+    kind, got = recv_reply(slow, timeout=30)
+    assert kind == "ok" and [json.loads(d[2]) for d in got] == bodies
+    slow.close()
