@@ -7,6 +7,8 @@ Each line: median of 5 repetitions, per operation, wall time (and CPU where
 it differs).  These isolate the mechanisms the profiles point at: the store
 thread's future hand-off, one SQLite transaction per operation, the per-call
 json decoder, the restricted unpickler, namedtuple rebuilding, statvfs.
+The first lines price the features every message pays for: history for
+`ipcd tail`, leases, stats counters (time per message and memory).
 """
 
 from __future__ import annotations
@@ -260,8 +262,97 @@ def statvfs(n):
         os.statvfs("/tmp")
 
 
+# -- what features cost per message and in memory (issue 7: "keep feature costs honest") ---
+
+
+def _feature_hub(tmp: Path, history: int):
+    from ipcd import config as configmod
+    from ipcd.hub import Hub
+    from ipcd.memstore import MemoryStore
+
+    cfg = tmp / f"h{history}.toml"
+    cfg.write_text(f'address = "{tmp}/s"\nstate_dir = "{tmp}/st"\n[defaults]\nhistory = {history}\n'
+                   'max_messages = 10000000\n')
+    mem = MemoryStore()
+    mem.open()
+    hub = Hub(configmod.load(str(cfg), env={}), {"os": mem, "fsync": mem, "memory": mem})
+    hub.open()
+    return hub
+
+
+def _traced(fn):
+    """Bytes still allocated after fn() returns (tracemalloc), and fn's result."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    result = fn()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return after - before, result
+
+
+def feature_costs(tmp: Path):
+    from ipcd.store import Row
+    from ipcd.watch import History, Rates
+
+    # History for `ipcd tail`: one record() per committed message, ring full (default 1000).
+    rows = [[Row(i, "q", BODY, 0, 0.0, 0.0, None)] for i in range(1000)]
+    for keep in (1000, 0):
+        hist = History(lambda name, keep=keep: keep)
+        for r in rows:
+            hist.record("q", r)
+        show(f"tail history: History.record of one message, history = {keep}",
+             bench(lambda n: [hist.record("q", rows[i % 1000]) for i in range(n)], 50000))
+    hist = History(lambda name: 1000)
+    fresh = [[Row(i, "q", BODY + " " * (i % 7), 0, 0.0, 0.0, None)] for i in range(1000)]
+    size, _ = _traced(lambda: [hist.record("q", r) for r in fresh])
+    print(f"{'tail history memory: 1000 kept messages, one queue (bodies shared with the rows)':72} "
+          f"{size / 1000:8.0f} B/message {size / 1024:8.0f} KiB/queue")
+
+    # Leases: deliver + ack through the Hub, memory store (no SQLite), one message each.
+    hub = _feature_hub(tmp, 0)
+    for _ in range(6):
+        hub.put_many("L", [BODY] * 10000)
+
+    def deliver_ack(n):
+        for _ in range(n):
+            d = hub.get_many("L", 1, timeout=0)[0]
+            hub.ack("L", [(d[0], d[1])])
+    show("lease: get_many(1) + ack through Hub (memory store: the whole receive path)", bench(deliver_ack, 10000))
+    hub2 = _feature_hub(tmp, 0)
+    hub2.put_many("N", [BODY] * 10000)
+
+    def lease_all():
+        while hub2.get_many("N", 10000, timeout=0):  # the ready window refills 512 at a time
+            pass
+    lease_bytes, _ = _traced(lease_all)
+    leased = len(hub2.queue("N").leases)
+    print(f"{'lease memory: an outstanding delivery (Lease, heap entry, its Row) less the ready entry':72} "
+          f"{lease_bytes / leased:8.0f} B/lease  ({leased:,} leased; plus the body, held until the ack)")
+
+    # Stats counters: a dict increment per op; Rates.sample once a second copies 4 counters per queue.
+    hub3 = _feature_hub(tmp, 0)
+    for i in range(1000):
+        hub3.queue(f"q{i}")
+    rates = Rates()
+
+    def sample(n):
+        for _ in range(n):
+            rates._last = None  # force a sample each call
+            rates.sample(hub3._queues)
+    wall, cpu = bench(sample, 50)
+    print(f"{'stats: Rates.sample of 1000 queues (runs once a second)':72} {wall * 1e3:8.2f} ms wall "
+          f"{cpu * 1e3:8.2f} ms CPU  = {cpu * 1e6 / 1000:.2f} us per queue per second")
+
+
 def main():
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPU")
+    with tempfile.TemporaryDirectory(prefix="ipcd-m-", dir="/tmp") as tmp:
+        feature_costs(Path(tmp))
     show("thread hand-off: SimpleQueue.put + Event.wait, worker sets (store._submit)", bench(handoff, 5000))
     show("same work called directly under a lock (no thread)", bench(direct_call, 50000))
     with tempfile.TemporaryDirectory(prefix="ipcd-m-", dir="/tmp") as tmp:
