@@ -96,17 +96,22 @@ class SessionOps:
         """Ack *items*, then run ``then(n, error)`` in this thread.
 
         An "fsync" queue's ack is durable before anything is replied: its delete joins
-        this round's group commit and *then* runs after it.  Otherwise it runs in this
-        round (the delete rides a later commit: see Queue.ack).  Always through _post:
-        the completion may come from another thread that committed the group.
+        this round's group commit and *then* runs after it, posted back to the loop (the
+        completion may come from the store thread, which committed the group).  Other
+        queues' deletes ride a later commit (see Queue.ack): *then* runs at once.
         """
-        def done(error):
-            self._post(lambda: self._guard(s, then, n, error))  # n is bound by the time the loop runs this
-        n = q.ack(items, done=done)
+        fsync = q.settings.durability == "fsync"
+        if fsync:
+            def done(error):
+                self._post(lambda: self._guard(s, then, n, error))  # n is bound by the time this runs
+            n = q.ack(items, done=done)
+            self._commit_due = self._fsync_due = True
+        else:
+            n = q.ack(items)
         if n and oplog.isEnabledFor(logging.DEBUG):
             oplog.debug("queue %s: acked %d message(s), id %s", q.name, n, span([i[0] for i in items]))
-        if q.settings.durability == "fsync":
-            self._commit_due = self._fsync_due = True
+        if not fsync:
+            then(n, None)
 
     def _guard(self, s, fn, *args):
         """Run a continuation; an error it raises is the session's reply."""
