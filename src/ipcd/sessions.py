@@ -85,7 +85,7 @@ def frame(data: bytes) -> bytes:
 
 class Session:
     __slots__ = ("sock", "fd", "peer", "inbuf", "out", "busy", "request", "parked", "park_seq",
-                 "closed", "reading", "events")
+                 "deadline", "closed", "reading", "events")
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock, self.fd, self.peer = sock, sock.fileno(), peer
@@ -93,8 +93,9 @@ class Session:
         self.out = b""  # reply bytes the socket did not take yet
         self.busy = False  # a request is being served (at most one at a time, in order)
         self.request = None
-        self.parked = None  # (queue, attempt, on_timeout) while waiting for a queue
+        self.parked = None  # (queue, attempt, on_timeout, kind) while waiting for a queue
         self.park_seq = 0
+        self.deadline = None  # monotonic time a timed wait ends (None: untimed or not parked)
         self.closed = False
         self.reading = True  # False while a peer that pipelines far ahead waits to be served
         self.events = 0  # what the selector watches for (see SessionLoop._watch)
@@ -115,8 +116,9 @@ class SessionLoop(SessionOps):
         self.sel.register(self._rfd, selectors.EVENT_READ, None)
         self._posted: collections.deque = collections.deque()  # callables, from any thread
         self._changed: collections.deque = collections.deque()  # queues that gained messages/room
-        self._waiters: dict = {}  # queue -> deque of parked sessions
-        self._timers: list = []  # heap of (deadline, park_seq, session)
+        self._waiters: dict = {}  # queue -> {session: None}, parked sessions in arrival order
+        self._timers: list = []  # heap of (deadline, park_seq, session); stale entries skipped
+        self._timed = 0  # parked sessions with a deadline (the live entries of _timers)
         self._seq = 0
         self._sessions: dict[int, Session] = {}
         self._stores = []
@@ -464,17 +466,36 @@ class SessionLoop(SessionOps):
         self._seq += 1
         s.park_seq = self._seq
         s.parked = (q, attempt, on_timeout, kind)
-        self._waiters.setdefault(q, collections.deque()).append(s)
+        # A dict as an ordered set: O(1) removal when the session is served, times out or
+        # leaves, so nothing stale accumulates on a queue that never changes again.
+        self._waiters.setdefault(q, {})[s] = None
         with q.lock:
             q.waiting += 1  # `ipcd stats` shows consumers waiting
         if timeout is not None:
-            heapq.heappush(self._timers, (time.monotonic() + timeout, self._seq, s))
+            s.deadline = time.monotonic() + timeout
+            heapq.heappush(self._timers, (s.deadline, self._seq, s))
+            self._timed += 1
 
     def _unpark(self, s: Session):
         q = s.parked[0]
         s.parked = None
+        waiters = self._waiters.get(q)
+        if waiters is not None:
+            waiters.pop(s, None)
+            if not waiters:
+                del self._waiters[q]
         with q.lock:
             q.waiting -= 1
+        if s.deadline is not None:
+            s.deadline = None
+            self._timed -= 1
+            # Served waits leave their heap entries behind until their deadline: a consumer
+            # looping on recv(timeout=3600) at thousands of messages a second would pile up
+            # millions.  Rebuild from the live ones when the stale outnumber them.
+            if len(self._timers) > 2 * self._timed + 64:
+                self._timers = [(w.deadline, w.park_seq, w) for ws in self._waiters.values()
+                                for w in ws if w.deadline is not None]
+                heapq.heapify(self._timers)
 
     def _retry(self, q) -> bool:
         """Give the sessions parked on *q* another go, oldest first."""
@@ -482,18 +503,16 @@ class SessionLoop(SessionOps):
         if not waiters:
             return False
         did = gets_failed = False
-        for _ in range(len(waiters)):
-            s = waiters.popleft()
-            if s.parked is None or s.closed:
-                continue
+        for s in list(waiters):
+            if s.parked is None or s.parked[0] is not q:
+                continue  # served, timed out or gone earlier in this pass
             _q, attempt, _on_timeout, kind = s.parked
             if kind == "get" and gets_failed:
                 # Receivers of one queue see the same ready messages: once one found none,
                 # the rest would too (a message wakes one waiter, not all N of them).
-                waiters.append(s)
                 continue
             try:
-                done = attempt(s)
+                done = attempt(s)  # unparks the session when it is served
             except Exception as e:  # e.g. the daemon is stopping, or the queue's settings changed
                 self._unpark(s)
                 self._result(s, None, e)
@@ -503,9 +522,6 @@ class SessionLoop(SessionOps):
                 did = True
             else:
                 gets_failed |= kind == "get"
-                waiters.append(s)
-        if not waiters:
-            del self._waiters[q]
         return did
 
     def _expire(self):

@@ -48,3 +48,27 @@ def test_a_loop_that_died_is_reported_dead(tmp_path, caplog):
     assert not loop.responsive(0.05)
     assert "session loop failed" in caplog.text
     loop.queue_changed(object())  # wake-ups after death are harmless (the pipe stays open)
+
+
+def test_served_waits_do_not_pile_up_timers_or_waiters(tmp_path):
+    # A consumer looping on recv(timeout=3600) parks and is served thousands of times a
+    # second; each served wait leaves a heap entry that would otherwise live for an hour.
+    import socket
+
+    from ipcd.sessions import Session
+
+    loop = make_loop(tmp_path)  # not started: the data structures only, in this thread
+    q = loop.hub.queue("q")
+    a, b = socket.socketpair()
+    s, other = Session(a, "s"), Session(b, "other")
+    loop._park(other, q, 3600.0, lambda s: False, lambda s: None, "get")  # one that stays parked
+    for _ in range(10_000):
+        loop._park(s, q, 3600.0, lambda s: False, lambda s: None, "get")
+        loop._unpark(s)  # served
+    assert len(loop._timers) <= 2 * 1 + 64 + 1
+    assert list(loop._waiters[q]) == [other] and q.waiting == 1
+    assert loop._timers[0][2] is other  # the live entry survived the rebuilds
+    loop._unpark(other)
+    assert q not in loop._waiters and q.waiting == 0
+    a.close()
+    b.close()
