@@ -215,10 +215,15 @@ class SessionLoop(SessionOps):
                     if s is None:
                         self._drain_pipe()
                         continue
-                    if mask & selectors.EVENT_WRITE:
-                        self._write(s)
-                    if mask & selectors.EVENT_READ and not s.closed:
-                        self._read(s)
+                    try:
+                        if mask & selectors.EVENT_WRITE:
+                            self._write(s)
+                        if mask & selectors.EVENT_READ and not s.closed:
+                            self._read(s)
+                    except Exception:  # a bug: lose this session, not every session
+                        self.abuse_log.log(logging.ERROR, "session loop: unexpected error serving %s; "
+                                           "closing that connection", s.peer, exc_info=True)
+                        self._close(s)
                 self._wake_pending = False
                 for _ in range(_MAX_ROUNDS):
                     if not self._settle():
@@ -253,8 +258,12 @@ class SessionLoop(SessionOps):
             did = True
         while self._changed:
             q = self._changed.popleft()
-            if self._retry(q):
-                did = True
+            try:
+                if self._retry(q):
+                    did = True
+            except Exception:  # a bug: the waiters stay parked (and time out) rather than all hang
+                self.abuse_log.log(logging.ERROR, "session loop: unexpected error waking %s", q.name,
+                                   exc_info=True)
         return did or bool(self._posted)
 
     def _drain_pipe(self):
@@ -477,6 +486,8 @@ class SessionLoop(SessionOps):
             self._timed += 1
 
     def _unpark(self, s: Session):
+        if s.parked is None:  # an attempt that unparked and then failed (e.g. store closed)
+            return
         q = s.parked[0]
         s.parked = None
         waiters = self._waiters.get(q)

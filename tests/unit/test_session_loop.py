@@ -72,3 +72,22 @@ def test_served_waits_do_not_pile_up_timers_or_waiters(tmp_path):
     assert q not in loop._waiters and q.waiting == 0
     a.close()
     b.close()
+
+
+def test_unparking_twice_is_harmless(tmp_path):
+    # An attempt that unparks its session and then fails (the store closed under it) is
+    # unparked again by the retry's error path: that must not raise in the loop thread.
+    import socket
+
+    from ipcd.sessions import Session
+
+    loop = make_loop(tmp_path)
+    q = loop.hub.queue("q")
+    a, b = socket.socketpair()
+    s = Session(a, "s")
+    loop._park(s, q, 10.0, lambda s: False, lambda s: None, "put")
+    loop._unpark(s)
+    loop._unpark(s)
+    assert q.waiting == 0 and loop._timed == 0
+    a.close()
+    b.close()
