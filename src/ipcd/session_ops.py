@@ -44,6 +44,7 @@ class SessionOps:
 
         def attempt(s):
             if not q.try_reserve(n, total):  # raises QueueFull for overflow = "reject"
+                self.hub.check_running()  # a sender parked on a full queue hears "stopping"
                 return False
             if s.parked is not None:
                 self._unpark(s)
@@ -53,8 +54,7 @@ class SessionOps:
             return True
 
         if not attempt(s):
-            if timeout == 0 or self.hub.stopping:
-                self.hub.check_running()
+            if timeout == 0:
                 raise q.full_error(timeout)
             self._park(s, q, timeout, attempt, lambda s: self._result(s, None, q.full_error(timeout)), "put")
 

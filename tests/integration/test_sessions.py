@@ -183,3 +183,23 @@ def test_megabyte_requests_and_replies_cross_the_loop_intact(daemon):
     kind, got = recv_reply(slow, timeout=30)
     assert kind == "ok" and [json.loads(d[2]) for d in got] == bodies
     slow.close()
+
+
+def test_sigterm_wakes_a_sender_blocked_on_a_full_queue(make_daemon):
+    d = make_daemon('[queues.full]\nmax_messages = 1\noverflow = "block"\n').start()
+    with d.client() as c:
+        c.send("full", 1)
+    sender = subprocess.Popen([sys.executable, "-m", "ipcd", "send", "full", "2"], env=d.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert sender.poll() is None  # parked on the full queue
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+        out, err = sender.communicate(timeout=10)
+        assert sender.returncode == 69, err
+        assert err.startswith("Error:") and "stopping" in err and "Traceback" not in err
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
