@@ -43,6 +43,8 @@ PY_FRAME = re.compile(r"^(?P<func>.+) \((?P<file>[^()]*\.py):(?P<line>\d+)\)$")
 def thread_group(name: str) -> str:
     if "ipcd-store" in name:
         return "store thread"
+    if "ipcd-sessions" in name:
+        return "session loop"
     if "handle_request" in name or "session" in name:
         return "connection threads"
     if "accept" in name:
