@@ -142,10 +142,6 @@ class Hub:
         if cb is not None:
             cb(q)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     def check_running(self):
         if self._stopping:
             raise errors.Unavailable("the daemon is stopping; retry when it is back")

@@ -75,14 +75,6 @@ def parse_request(request, known) -> tuple[str, dict]:
     return op, kwargs
 
 
-def frame(data: bytes) -> bytes:
-    """multiprocessing.Connection framing: 4-byte big-endian length, or -1 and 8 bytes."""
-    n = len(data)
-    if n > 0x7FFFFFFF:
-        return _HEADER.pack(-1) + _BIG.pack(n) + data
-    return _HEADER.pack(n) + data
-
-
 class Session:
     __slots__ = ("sock", "fd", "peer", "inbuf", "out", "busy", "request", "parked", "park_seq",
                  "deadline", "closed", "reading", "events")
@@ -403,33 +395,25 @@ class SessionLoop(SessionOps):
             self._op_done(s)
             return
         try:
-            data = frame(wire.dumps(reply))
+            data = wire.dumps(reply)
         except Exception as e:  # e.g. a result that cannot be pickled: a bug, but say so
-            data = frame(wire.dumps(error_reply(e, s.request, self.abuse_log)))
+            data = wire.dumps(error_reply(e, s.request, self.abuse_log))
+        s.out = wire.frame_header(len(data)) + data
+        self._write(s)
+
+    def _write(self, s: Session):
+        """Send what is left of the reply (now, or when the socket is writable again);
+        the request is done once all of it is out."""
         try:
-            sent = s.sock.send(data)
+            sent = s.sock.send(s.out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self._close(s)
             return
-        if sent < len(data):
-            s.out = data[sent:]
-            self._watch(s)
-            return
-        self._op_done(s)
-
-    def _write(self, s: Session):
-        try:
-            sent = s.sock.send(s.out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(s)
-            return
         s.out = s.out[sent:]
+        self._watch(s)  # writability is watched only while something is left
         if not s.out:
-            self._watch(s)
             self._op_done(s)
 
     def _op_done(self, s: Session):

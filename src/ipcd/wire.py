@@ -228,6 +228,11 @@ class FrameTooLarge(FrameError):
 READ_CHUNK = 256 << 10
 
 
+def frame_header(n: int) -> bytes:
+    """The length prefix of an *n*-byte frame: 4 bytes big-endian, or -1 and 8 bytes."""
+    return struct.pack("!iQ", -1, n) if n > 0x7FFFFFFF else struct.pack("!i", n)
+
+
 class Conn:
     """A framed connection on a stream socket fd, reads honouring a deadline and a size limit.
 
@@ -268,17 +273,14 @@ class Conn:
             view = view[write(self._handle, view):]
 
     def send_bytes(self, buf) -> None:
-        n = len(buf)
         if self._handle is None:
             raise OSError("handle is closed")
-        if n > 0x7FFFFFFF:
-            self._send(struct.pack("!iQ", -1, n))
-            self._send(buf)
-        elif n > 16384:  # large: no copy (as the stdlib's; Nagle is no concern at this size)
-            self._send(struct.pack("!i", n))
+        header = frame_header(len(buf))
+        if len(buf) > 16384:  # large: no copy (as the stdlib's; Nagle is no concern at this size)
+            self._send(header)
             self._send(buf)
         else:  # one write: header and payload in one segment
-            self._send(struct.pack("!i", n) + bytes(buf))
+            self._send(header + bytes(buf))
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         buf = self._recv_bytes(maxlength)
