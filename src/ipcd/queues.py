@@ -225,18 +225,16 @@ class Queue:
     # -- receiving ---------------------------------------------------------
 
     def get_many(self, max_n: int, timeout: float | None, lease_seconds: float | None) -> list[Delivery]:
+        """Deliver up to *max_n*, waiting up to *timeout* for the first (threaded callers)."""
         lease_s = self.settings.lease_seconds if lease_seconds is None else lease_seconds
         deadline = None if timeout is None else self.clock() + timeout
         with self.lock:
             self.waiting += 1
             try:
                 while True:
-                    self.hub.check_running()
-                    if not self.ready and self.cursor < self.high and not self.refilling:
-                        self._refill_locked()
-                        continue
-                    if self.ready:
-                        return self._deliver_locked(max_n, lease_s)
+                    got = self._take_locked(max_n, lease_s)
+                    if got:
+                        return got
                     left = None if deadline is None else deadline - self.clock()
                     if left is not None and left <= 0:
                         return []
@@ -252,10 +250,13 @@ class Queue:
         """Deliver what is ready now, without waiting (the session loop parks on [])."""
         lease_s = self.settings.lease_seconds if lease_seconds is None else lease_seconds
         with self.lock:
-            self.hub.check_running()
-            while not self.ready and self.cursor < self.high and not self.refilling:
-                self._refill_locked()
-            return self._deliver_locked(max_n, lease_s) if self.ready else []
+            return self._take_locked(max_n, lease_s)
+
+    def _take_locked(self, max_n, lease_s) -> list[Delivery]:
+        self.hub.check_running()
+        while not self.ready and self.cursor < self.high and not self.refilling:
+            self._refill_locked()
+        return self._deliver_locked(max_n, lease_s) if self.ready else []
 
     def _refill_locked(self):
         self.refilling = True
