@@ -107,6 +107,16 @@ INSERT = ("INSERT INTO messages (queue, body, attempts, enqueued_at, not_before,
           "VALUES (?, ?, ?, ?, ?, ?)")
 
 
+def insert_then_delete(c, row):
+    """One unbatched message as the first store did it: an INSERT txn, then a DELETE txn."""
+    c.execute("BEGIN IMMEDIATE")
+    rid = c.execute(INSERT, row).lastrowid
+    c.execute("COMMIT")
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("DELETE FROM messages WHERE id = ?", (rid,))
+    c.execute("COMMIT")
+
+
 def sqlite_suite(tmp: Path):
     c = sqlite_conn(str(tmp / "m.db"))
     row = ("q", BODY, 0, time.time(), 0.0, None)
@@ -119,12 +129,7 @@ def sqlite_suite(tmp: Path):
 
     def insert_delete_txn(n):  # what one unbatched message costs the store today: 2 transactions
         for _ in range(n):
-            c.execute("BEGIN IMMEDIATE")
-            cur = c.execute(INSERT, row)
-            c.execute("COMMIT")
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("DELETE FROM messages WHERE id = ?", (cur.lastrowid,))
-            c.execute("COMMIT")
+            insert_then_delete(c, row)
 
     def insert_delete_one_txn(n):  # ack of the previous message rides in the next append's transaction
         prev = None
@@ -183,12 +188,7 @@ def wal_amplification(tmp: Path):
         before = wal.stat().st_size
         n = 2000
         for _ in range(n):
-            c.execute("BEGIN IMMEDIATE")
-            rid = c.execute(INSERT, row).lastrowid
-            c.execute("COMMIT")
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("DELETE FROM messages WHERE id = ?", (rid,))
-            c.execute("COMMIT")
+            insert_then_delete(c, row)
         per = (wal.stat().st_size - before) / n
         print(f"{'sqlite WAL bytes per unbatched message (insert txn + delete txn), ' + ('AUTOINCREMENT' if autoinc else 'plain INTEGER PRIMARY KEY'):72} "
               f"{per:8.0f} B   (~{per / 4120:.1f} pages of 4 KiB; body is 100 B)")
@@ -204,12 +204,7 @@ def checkpoint_tail(tmp: Path):
         lat = []
         for _ in range(6000):
             t = time.perf_counter()
-            c.execute("BEGIN IMMEDIATE")
-            rid = c.execute(INSERT, row).lastrowid
-            c.execute("COMMIT")
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("DELETE FROM messages WHERE id = ?", (rid,))
-            c.execute("COMMIT")
+            insert_then_delete(c, row)
             lat.append(time.perf_counter() - t)
         lat.sort()
         q = lambda p: lat[int(p / 100 * (len(lat) - 1))] * 1e6  # noqa: E731
