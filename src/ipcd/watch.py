@@ -54,13 +54,24 @@ class History:
             if ring is None:
                 ring = self._rings[name] = collections.deque()
                 self._bytes[name] = 0
-            for r in rows:
-                self._seq += 1
-                size = sys.getsizeof(r.body)
-                ring.append((self._seq, r.id, r.body, r.enqueued_at, size))
-                self._bytes[name] += size
+            seq, added, sizeof = self._seq, 0, sys.getsizeof
+            for r in rows:  # one tuple per message: this runs for every message sent
+                seq += 1
+                size = sizeof(r.body)
+                ring.append((seq, r.id, r.body, r.enqueued_at, size))
+                added += size
+            self._seq = seq
+            self._bytes[name] += added
+            excess = len(ring) - keep
+            if excess > 0:  # the usual case once the ring is full: one out per one in
+                popleft, dropped = ring.popleft, 0
+                for _ in range(excess):
+                    entry = popleft()
+                    dropped += entry[4]
+                self._bytes[name] -= dropped
+                self._evicted[name] = entry[0]
             # The newest entry is always kept, so one huge message can still be followed.
-            while len(ring) > keep or (len(ring) > 1 and self._bytes[name] > self.max_bytes):
+            while len(ring) > 1 and self._bytes[name] > self.max_bytes:
                 seq, _id, _body, _at, size = ring.popleft()
                 self._bytes[name] -= size
                 self._evicted[name] = seq

@@ -7,10 +7,11 @@ import sqlite3
 import threading
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ipcd import config as configmod, errors
 from ipcd.hub import Hub
-from ipcd.queues import PREFETCH, validate_body
+from ipcd.queues import PREFETCH, validate_bodies, validate_body
 from ipcd.memstore import MemoryStore
 from ipcd.store import SqliteStore
 
@@ -135,6 +136,36 @@ def test_validate_body():
             validate_body(bad, 100)
     with pytest.raises(errors.DataError, match="max_message_bytes"):
         validate_body(json.dumps("x" * 200), 100)
+
+
+def test_validate_body_refuses_deep_nesting_as_data():
+    # json's decoder recurses per level: RecursionError used to escape as an internal error
+    with pytest.raises(errors.DataError, match="nested too deeply"):
+        validate_body("[" * 100_000 + "]" * 100_000, 1 << 20)
+
+
+def _verdict(fn, *args):
+    try:
+        return fn(*args)
+    except errors.DataError as e:
+        return str(e)
+
+
+JSONISH = st.text(alphabet=' \t\n{}[]",:0123456789.eE+-truefalsnNaIiy\\u\x7fü\ud800', max_size=24)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(JSONISH, st.from_regex(r'\A\{"k": ?"[a-z]{0,9}"\}\Z'), st.binary(max_size=4),
+                          st.integers()), min_size=1, max_size=4),
+       st.integers(min_value=1, max_value=20))
+def test_validate_bodies_fast_path_agrees_with_validate_body(batch, limit):
+    """The batch fast path accepts and refuses exactly what validate_body does, same error."""
+    one = len(batch) == 1
+    try:
+        expected = sum(validate_body(b, limit, None if one else i) for i, b in enumerate(batch))
+    except errors.DataError as e:
+        expected = str(e)
+    assert _verdict(validate_bodies, batch, limit) == expected
 
 
 def test_depth_beyond_prefetch_window_is_served_from_the_store_in_order(tmp_path):

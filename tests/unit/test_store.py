@@ -103,6 +103,48 @@ def test_append_fetch_get_in_id_order(store):
                                     "other": (1, len('{"n": 1}'), rows[5].id)}
 
 
+@pytest.mark.parametrize("n", [2, 3, 64, 100, 127, 128, 129, 300, 1000])
+def test_batch_append_ids_match_bodies_and_ranges_delete_exactly(store, n):
+    """Multi-row INSERTs in chunks: each Row's id is the row holding its body; deleting a
+    mix of runs and single ids removes exactly those."""
+    first = store.append([item(body=f'{{"n": -{i}}}') for i in range(3)])  # ids before the batch
+    rows = store.append([item(body=f'{{"n": {i}}}', attempts=i % 3, reason=f"r{i}") for i in range(n)])
+    assert [r.body for r in rows] == [f'{{"n": {i}}}' for i in range(n)]
+    assert [r.id for r in rows] == list(range(rows[0].id, rows[0].id + n))
+    assert store.get([r.id for r in rows]) == rows  # what reads back is what append returned
+    doomed = [r.id for r in rows[: n // 2]] + [rows[-1].id, first[1].id, 10**9]
+    assert store.delete(doomed) == n // 2 + 2
+    left = {r.id for r in store.fetch("q", 0, 10 * n)}
+    assert left == {first[0].id, first[2].id} | {r.id for r in rows[n // 2:-1]}
+
+
+def test_new_stores_use_small_pages_and_old_page_sizes_still_open(tmp_path, monkeypatch):
+    import ipcd.store_file as store_file
+    s = open_sqlite(tmp_path / "new.db")
+    assert s._conn.execute("PRAGMA page_size").fetchone()[0] == store_file.PAGE_SIZE == 1024
+    s.close()
+    monkeypatch.setattr(store_file, "PAGE_SIZE", 4096)  # a store made by an earlier ipcd
+    old = open_sqlite(tmp_path / "old.db")
+    rows = old.append([item(body=f"{i}") for i in range(300)])
+    old.close()
+    monkeypatch.undo()
+    again = open_sqlite(tmp_path / "old.db")
+    try:
+        assert again._conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert again.fetch("q", 0, 1000) == rows
+        more = again.append([item(), item()])
+        assert more[0].id == rows[-1].id + 1
+    finally:
+        again.close()
+
+
+def test_id_runs():
+    from ipcd.store_file import id_runs
+    assert id_runs([]) == ([], [])
+    assert id_runs([5]) == ([], [5])
+    assert id_runs([9, 3, 4, 5, 7, 8, 3, 11]) == ([(3, 5), (7, 9)], [11])
+
+
 def test_summary_counts_utf8_bytes(store):
     store.append([item(body='"héllo €"')])
     assert store.load_summary()["q"][1] == len('"héllo €"'.encode())
