@@ -22,7 +22,6 @@ SCHEMA_VERSION = 1
 _MAGIC = b"SQLite format 3\x00"
 _CORRUPT, _FULL, _NOTADB = 11, 13, 26  # primary result codes (sqlite_errorcode & 0xFF)
 _CANT_OPEN = {3, 8, 14}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
-PAGE_SIZE = 1024  # for new stores (see StoreFile._setup)
 _CHUNK = 500  # ids per IN (...): under SQLITE_MAX_VARIABLE_NUMBER even before 3.32 (999)
 _WAL_LIMIT = 16 << 20  # journal_size_limit: the WAL file is cut back to this after a checkpoint
 _COLS = "id, queue, body, attempts, enqueued_at, not_before, reason"
@@ -185,12 +184,6 @@ class StoreFile:
         conn.execute("PRAGMA locking_mode=EXCLUSIVE").fetchall()
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            # 1 KiB pages, not 4: a commit writes every page it changed to the WAL, and a
-            # one-message send changes ~3 (table, index, sqlite_sequence).  Measured
-            # 28.6 -> 15.7 us of CPU per one-message commit, batches no slower, files ~7 %
-            # larger (bench/RESULTS.md).  Stores created before keep their page size.
-            # Before auto_vacuum: that pragma fixes the page size it finds.
-            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             # Only possible before the first table exists (later it would need a full VACUUM);
             # every store with a meta table was therefore created incremental.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")

@@ -118,26 +118,6 @@ def test_batch_append_ids_match_bodies_and_ranges_delete_exactly(store, n):
     assert left == {first[0].id, first[2].id} | {r.id for r in rows[n // 2:-1]}
 
 
-def test_new_stores_use_small_pages_and_old_page_sizes_still_open(tmp_path, monkeypatch):
-    import ipcd.store_file as store_file
-    s = open_sqlite(tmp_path / "new.db")
-    assert s._conn.execute("PRAGMA page_size").fetchone()[0] == store_file.PAGE_SIZE == 1024
-    s.close()
-    monkeypatch.setattr(store_file, "PAGE_SIZE", 4096)  # a store made by an earlier ipcd
-    old = open_sqlite(tmp_path / "old.db")
-    rows = old.append([item(body=f"{i}") for i in range(300)])
-    old.close()
-    monkeypatch.undo()
-    again = open_sqlite(tmp_path / "old.db")
-    try:
-        assert again._conn.execute("PRAGMA page_size").fetchone()[0] == 4096
-        assert again.fetch("q", 0, 1000) == rows
-        more = again.append([item(), item()])
-        assert more[0].id == rows[-1].id + 1
-    finally:
-        again.close()
-
-
 def test_id_runs():
     from ipcd.store_file import id_runs
     assert id_runs([]) == ([], [])
