@@ -163,6 +163,29 @@ def sqlite_suite(tmp: Path):
     show("sqlite: INSERT + previous DELETE in one transaction", bench(insert_delete_one_txn, 2000))
     show("sqlite: batch of 100, execute() per row, per message", bench(batch100_execute_loop, 20000))
     show("sqlite: batch of 100, executemany, per message", bench(batch100_executemany, 20000))
+
+    multi = INSERT.replace("VALUES (?, ?, ?, ?, ?, ?)", "VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * 100))
+
+    def batch100_insert_delete(n, insert_multi, delete_range):
+        """What the store does per batch today (multi-row INSERT, range DELETE) vs before."""
+        cur = c.cursor()
+        for _ in range(n // 100):
+            c.execute("BEGIN IMMEDIATE")
+            if insert_multi:
+                cur.execute(multi, [v for _ in range(100) for v in row])
+            else:
+                cur.executemany(INSERT, [row] * 100)
+            last = cur.execute("SELECT last_insert_rowid()").fetchone()[0]
+            if delete_range:
+                cur.execute("DELETE FROM messages WHERE id BETWEEN ? AND ?", (last - 99, last))
+            else:
+                cur.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in range(last - 99, last + 1)])
+            c.execute("COMMIT")
+    for ins, dele, what in ((False, False, "executemany INSERT + DELETE per id (before)"),
+                            (True, False, "multi-row INSERT + DELETE per id"),
+                            (True, True, "multi-row INSERT + range DELETE (store_file today)")):
+        show(f"sqlite: batch of 100 inserted and deleted, {what}, per message",
+             bench(lambda n, i=ins, d=dele: batch100_insert_delete(n, i, d), 20000))
     c.execute("PRAGMA synchronous=FULL")
     show("sqlite: 1 row INSERT in its own transaction, synchronous=FULL", bench(insert_txn, 1000))
     c.execute("PRAGMA synchronous=NORMAL")
@@ -344,8 +367,65 @@ def feature_costs(tmp: Path):
           f"{cpu * 1e3:8.2f} ms CPU  = {cpu * 1e6 / 1000:.2f} us per queue per second")
 
 
+# -- the daemon's own work per batched message (issue 7, round 3) --------------------------
+
+
+def batch_path(tmp: Path):
+    """The session loop's work for batches of 100, minus sockets: decode the put_many request,
+    validate and store 100 messages (commit included), then decode get_many with the previous
+    batch's acks, settle them, lease 100 and encode the reply.  CPU per message, store thread
+    included; memory and "os" queues."""
+    from ipcd import config as configmod, wire
+    from ipcd.hub import Hub
+    from ipcd.memstore import MemoryStore
+    from ipcd.store import SqliteStore
+
+    (tmp / "st").mkdir()
+    cfg = tmp / "bp.toml"
+    cfg.write_text(f'address = "{tmp}/s"\nstate_dir = "{tmp}/st"\n[defaults]\nmax_messages = 10000000\n'
+                   '[queues.m]\ndurability = "memory"\n[queues.o]\ndurability = "os"\n')
+    sq = SqliteStore(str(tmp / "st" / "bp.db"))
+    sq.open()
+    mem = MemoryStore()
+    mem.open()
+    hub = Hub(configmod.load(str(cfg), env={}), {"os": sq, "fsync": sq, "memory": mem})
+    hub.open()
+    bodies = [_dumps(make_body(i)) for i in range(100)]
+    try:
+        for name, store in (("m", mem), ("o", sq)):
+            q, prev, out = hub.queue(name), [], []
+            put = wire.dumps(("put_many", {"queue": name, "bodies": bodies, "timeout": None}))
+
+            def rounds(n):
+                nonlocal prev
+                for _ in range(n // 100):
+                    b = wire.loads(put)[1]["bodies"]
+                    k, total = q.admit(b)
+                    q.try_reserve(k, total)
+                    q.append_reserved(b, k, total, done=lambda ids, e: out.append(ids))
+                    store.flush()
+                    while not out:  # the store thread may have taken the group
+                        time.sleep(0)
+                    wire.dumps(("ok", out.pop()))
+                    get = wire.dumps(("get_many", {"queue": name, "max_n": 100, "timeout": None, "lease": None,
+                                                   "ack": [(d[0], d[1]) for d in prev]}))
+                    acks = wire.loads(get)[1]["ack"]
+                    if acks:
+                        q.ack(acks)
+                    prev = q.try_get(100, None)
+                    store.flush()
+                    wire.dumps(("ok", [tuple(d) for d in prev]))
+            what = "memory" if name == "m" else '"os" (SQLite)'
+            show(f"daemon work per message, batches of 100, {what} queue (no sockets)", bench(rounds, 30000, reps=9))
+    finally:
+        hub.stop()
+        sq.close()
+
+
 def main():
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPU")
+    with tempfile.TemporaryDirectory(prefix="ipcd-m-", dir="/tmp") as tmp:
+        batch_path(Path(tmp))
     with tempfile.TemporaryDirectory(prefix="ipcd-m-", dir="/tmp") as tmp:
         feature_costs(Path(tmp))
     show("thread hand-off: SimpleQueue.put + Event.wait, worker sets (store._submit)", bench(handoff, 5000))
@@ -355,6 +435,12 @@ def main():
     show("json.loads(body, parse_constant=f): builds a JSONDecoder per call", bench(json_kw, 50000))
     show("prebuilt JSONDecoder(parse_constant=f).decode(body)", bench(json_prebuilt, 50000))
     show("json.loads(body) (cached default decoder)", bench(json_plain, 50000))
+    from ipcd.queues import _SCAN, validate_bodies
+    show("the C scanner under the decoder, called directly (queues._SCAN)",
+         bench(lambda n: [_SCAN(BODY, 0) for _ in range(n)], 50000))
+    batch = [BODY] * 100
+    show("validate_bodies, batch of 100, per message (size + JSON checks)",
+         bench(lambda n: [validate_bodies(batch, 1 << 20) for _ in range(n // 100)], 50000))
     req = ("put_many", {"queue": "q", "bodies": [BODY], "timeout": None})
     data = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
     try:
