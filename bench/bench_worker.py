@@ -111,8 +111,8 @@ def main():
         durability = "memory" if args.memory else "default (os)"
         print(f"\nipcd worker, {args.n} messages, median of {args.r}, durability {durability}, "
               f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
-        print(f"| mode | -j | steady msgs/s | wall msgs/s (start-up included) |")
-        print(f"|---|---|---|---|")
+        print("| mode | -j | steady msgs/s | wall msgs/s (start-up included) |")
+        print("|---|---|---|---|")
         for mode, j, steady, wall, _ in rows:
             label = "exec `true`" if mode == "exec" else "--call no-op"
             print(f"| {label} | {j} | {steady:,.0f} | {wall:,.0f} |")
