@@ -27,6 +27,7 @@ import typer
 
 from . import errors
 from .cli import AddressOpt, ConfigOpt, app, guarded, load_config, open_client
+from .commands import one_line
 
 FOLLOW_POLL = 30.0  # seconds one tail long-poll waits on the daemon
 LOGS_POLL = 0.25  # seconds between checks of a followed log file
@@ -38,11 +39,6 @@ def _out(line: str):
     sys.stdout.flush()
 
 
-def _compact(text: str) -> str:
-    """A stored body as one line (a stdlib client may have sent pretty JSON)."""
-    if "\n" in text or "\r" in text:
-        return json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
-    return text
 
 
 def _dumps(obj) -> str:
@@ -76,13 +72,13 @@ def tail(queue: Optional[str] = typer.Argument(None, help="Queue name (or --all)
     def show(entries):
         for _seq, name, rid, body, at in entries:
             if meta:
-                line = f'{{"id":{rid},"queue":{_dumps(name)},"body":{_compact(body)},"enqueued_at":{_dumps(at)}}}'
+                line = f'{{"id":{rid},"queue":{_dumps(name)},"body":{one_line(body)},"enqueued_at":{_dumps(at)}}}'
             elif all_ and as_json:
-                line = f'{{"queue":{_dumps(name)},"body":{_compact(body)}}}'
+                line = f'{{"queue":{_dumps(name)},"body":{one_line(body)}}}'
             elif all_:
-                line = f"{name}\t{_compact(body)}"
+                line = f"{name}\t{one_line(body)}"
             else:
-                line = _compact(body)
+                line = one_line(body)
             _out(line)
 
     with open_client(config, address) as c:

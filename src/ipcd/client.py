@@ -32,6 +32,16 @@ def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def loads(text: str):
+    """Decode a stored message.  The daemon accepts any nesting its own decoder manages;
+    a consumer deeper in its call stack may hit Python's recursion limit on the same text."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise errors.DataError("message nested too deeply for Python's json in this process "
+                               "(recursion limit); use msg.text") from None
+
+
 class Message:
     """One delivery: ``body`` (the decoded JSON value), ``id``, ``attempts``.
 
@@ -48,7 +58,7 @@ class Message:
     @property
     def body(self):
         if self._body is _UNSET:
-            self._body = json.loads(self.text)
+            self._body = loads(self.text)
         return self._body
 
     def envelope(self) -> dict:
@@ -241,7 +251,7 @@ class Client:
         return self.call("purge", queue=queue, dead=dead)
 
     def dead_list(self, queue: str, limit: int = 100) -> list[dict]:
-        return [{"id": i, "body": json.loads(b), "attempts": a, "enqueued_at": t, "reason": r}
+        return [{"id": i, "body": loads(b), "attempts": a, "enqueued_at": t, "reason": r}
                 for i, b, a, t, r in self.call("dead_list", queue=queue, limit=limit)]
 
     def dead_replay(self, queue: str, ids: list[int] | None = None, *, all: bool = False) -> dict:

@@ -43,6 +43,22 @@ def encode(raw: str, as_text: bool) -> str:
         return dumps(json.loads(raw, parse_constant=_no_constants))
     except ValueError as e:
         raise errors.DataError(f"invalid JSON: {e}") from None
+    except RecursionError:  # json recurses per nesting level
+        raise errors.DataError("invalid JSON: nested too deeply") from None
+
+
+def one_line(text: str) -> str:
+    """A stored body on one line (a stdlib client may have sent pretty JSON): compacted, or,
+    if it is too deep to decode here, with its line breaks made spaces (in valid JSON text
+    a raw CR or LF can only be whitespace between tokens)."""
+    if "\n" not in text and "\r" not in text:
+        return text
+    from .client import dumps, loads
+
+    try:
+        return dumps(loads(text))
+    except errors.DataError:
+        return text.replace("\r", " ").replace("\n", " ")
 
 
 def validate_name(queue: str):
@@ -109,10 +125,8 @@ def send_lines(queue, as_text, timeout, config, address) -> int:
 def print_message(m, meta: bool):
     if meta:
         line = json.dumps(m.envelope(), ensure_ascii=False, separators=(",", ":"))
-    elif "\n" in m.text or "\r" in m.text:  # e.g. pretty JSON from a stdlib client
-        line = json.dumps(m.body, ensure_ascii=False, separators=(",", ":"))
     else:
-        line = m.text
+        line = one_line(m.text)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 

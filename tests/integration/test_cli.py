@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
-
+import pytest
 from conftest import base_env
+
+from ipcd import errors
 
 
 def test_send_then_recv_from_another_process_roundtrips_unicode_and_nesting(daemon):
@@ -39,6 +41,19 @@ def test_invalid_json_exits_65_and_queues_nothing(daemon):
     assert daemon.cli("send", "q", "NaN").returncode == 65
     r = daemon.cli("recv", "q", "--timeout", "0.3")
     assert r.returncode == 75 and r.stdout == ""
+
+
+def test_deeply_nested_json_is_a_data_error_not_a_traceback(daemon):
+    deep = "[" * 100_000 + "]" * 100_000  # json's decoder recurses per level
+    r = daemon.cli("send", "q", "--lines", input=deep + "\n[1]\n")
+    assert r.returncode == 65, r.stderr
+    assert r.stderr.startswith("Error: line 1: invalid JSON: nested too deeply"), r.stderr
+    assert "Traceback" not in r.stderr
+    with daemon.client() as c:  # the daemon refuses it too (another client, no local check)
+        with pytest.raises(errors.DataError, match="nested too deeply"):
+            c.send_json_many("q", [deep])
+    r = daemon.cli("recv", "q", "-n", "5", "--timeout", "2")
+    assert r.stdout.splitlines() == ["[1]"]
 
 
 def test_text_mode_sends_json_strings(daemon):
