@@ -344,6 +344,8 @@ def _read_toml(path: str) -> dict[str, Any]:
             return tomllib.load(fp)
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level of arrays and inline tables
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except OSError as exc:

@@ -286,6 +286,12 @@ def test_toml_syntax_error_names_file_and_line(write):
     assert str(err.value).startswith(f"{path}: ")
 
 
+def test_deeply_nested_toml_is_a_config_error(write):
+    path = write("a = " + "[" * 5000 + "]" * 5000 + "\n")  # tomllib recurses per level
+    with pytest.raises(ConfigError, match="invalid TOML: nested too deeply"):
+        load(path, env={}, uid=0)
+
+
 def test_non_utf8_file(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_bytes(b'log_level = "\xff"\n')
