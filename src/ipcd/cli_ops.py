@@ -39,8 +39,6 @@ def _out(line: str):
     sys.stdout.flush()
 
 
-
-
 def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
