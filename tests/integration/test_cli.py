@@ -198,6 +198,9 @@ def test_config_show_and_check(daemon, tmp_path):
     bad.write_text('[defaults]\noverflow = "drop"\n')
     r = daemon.cli("config", "check", str(bad))
     assert r.returncode == 78 and "overflow" in r.stderr and "'drop'" in r.stderr
+    bad.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")  # tomllib recurses per level
+    r = daemon.cli("config", "check", str(bad))
+    assert r.returncode == 78 and "nested too deeply" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_usage_errors_exit_2():
